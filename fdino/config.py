@@ -1,0 +1,270 @@
+"""`DinoConfig`: every hyperparameter of a DINO run, frozen and validated on creation.
+
+Defaults follow the paper (Caron et al. 2021) and its reference code for ViT-S/16. Named presets
+live in `fdino.presets`. A config is hashable, so compiled steps and module templates are cached
+per config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16")
+LOSS_IMPLS = ("auto", "triton", "reference")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DinoConfig:
+    """All settings of a DINO training run (model, crops, loss, schedules, optimizer)."""
+
+    # --- backbone -------------------------------------------------------------------------
+    arch: str = "vit_small_patch16_224"
+    """Any timm model name (ViT, ResNet, ConvNeXt, ...); its classifier is removed."""
+    patch_size: int | None = None
+    """Override of a ViT's patch size (e.g. 8 for ViT-S/8, 4 for 32 px images)."""
+    img_size: int | None = None
+    """ViT input size the position embeddings are built for; defaults to `global_crop_size`."""
+    backbone_kwargs: tuple[tuple[str, Any], ...] = ()
+    """Extra keyword arguments for `timm.create_model`, as (name, value) pairs (e.g. depth)."""
+    drop_path_rate: float = 0.1
+    """Stochastic depth rate of the student backbone (the teacher shares the module)."""
+
+    # --- projection head (paper section 3.1, appendix) --------------------------------------
+    out_dim: int = 65536
+    """K: the dimension of the head output the softmax is taken over."""
+    head_hidden_dim: int = 2048
+    """Width of the head's hidden MLP layers."""
+    head_bottleneck_dim: int = 256
+    """Width of the L2-normalized bottleneck before the weight-normalized last layer."""
+    head_n_layers: int = 3
+    """Number of MLP layers before the bottleneck output (1 means one linear layer)."""
+    norm_last_layer: bool = True
+    """Fix the last layer's weight-norm scale g to 1 (logits are cosines); stabilizes ViT."""
+    head_use_bn: bool = False
+    """BatchNorm in the head's hidden layers (the paper uses it for ResNet-50 only)."""
+
+    # --- multi-crop --------------------------------------------------------------------------
+    n_global_crops: int = 2
+    """Global crops per image; they are the teacher's inputs (the paper uses 2)."""
+    n_local_crops: int = 10
+    """Local (small) crops per image, seen by the student only."""
+    global_crop_size: int = 224
+    """Side of a global crop in pixels."""
+    local_crop_size: int = 96
+    """Side of a local crop in pixels."""
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    """RandomResizedCrop area range of global crops."""
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    """RandomResizedCrop area range of local crops."""
+
+    # --- loss --------------------------------------------------------------------------------
+    student_temp: float = 0.1
+    """Student softmax temperature tau_s."""
+    teacher_temp: float = 0.04
+    """Teacher softmax temperature tau_t after its warm-up."""
+    warmup_teacher_temp: float = 0.04
+    """Teacher temperature at step 0; linear warm-up to `teacher_temp`."""
+    warmup_teacher_temp_epochs: float = 0.0
+    """Length of the teacher temperature warm-up, in epochs (per-step linear ramp)."""
+    center_momentum: float = 0.9
+    """m in c <- m c + (1 - m) mean(teacher logits)."""
+    loss_impl: str = "auto"
+    """'auto' (fused Triton kernel on CUDA, reference elsewhere), 'triton' or 'reference'."""
+
+    # --- schedules and optimizer ---------------------------------------------------------------
+    epochs: int = 100
+    """Length of the run; the cosine schedules end here."""
+    steps_per_epoch: int = 1000
+    """Optimizer steps per epoch (data set size // batch_size); converts epochs to steps."""
+    batch_size: int = 1024
+    """Images per optimizer step summed over devices and micro-batches (scales the lr)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; center and teacher EMA update once per step."""
+    lr: float = 5e-4
+    """Peak learning rate per 256 images; the applied peak is lr * batch_size / 256."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_epochs: float = 10.0
+    """Linear learning-rate warm-up from 0, in epochs."""
+    weight_decay: float = 0.04
+    """Weight decay at step 0 (cosine to `weight_decay_end`); not applied to biases and norms."""
+    weight_decay_end: float = 0.4
+    """Weight decay at the last step."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW beta1, beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 3.0
+    """Clip each parameter's gradient norm to this value (paper semantics); 0 disables."""
+    freeze_last_layer: float = 1.0
+    """Epochs during which the head's last layer is not updated at all."""
+    teacher_momentum: float = 0.996
+    """Teacher EMA momentum at step 0; cosine schedule to `teacher_momentum_end`."""
+    teacher_momentum_end: float = 1.0
+    """Teacher EMA momentum at the last step."""
+
+    # --- execution -------------------------------------------------------------------------------
+    precision: str = "fp32"
+    """'fp32', or 'bf16' autocast for the forwards (teacher logits, center, loss stay fp32)."""
+    grad_checkpointing: bool = False
+    """Recompute backbone blocks in the backward pass to save activation memory."""
+    seed: int = 0
+    """Seed of parameter initialization and of the step's RNG stream."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # Derived quantities used by the schedules, kept here so every caller agrees.
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the whole run."""
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def n_crops(self) -> int:
+        """V: all crops per image, global first."""
+        return self.n_global_crops + self.n_local_crops
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate at the end of warm-up: lr scaled linearly by batch_size / 256."""
+        return self.lr * self.batch_size / 256.0
+
+    def replace(self, **changes: Any) -> "DinoConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DinoConfig":
+        """Inverse of `to_dict`; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown DinoConfig field(s) {unknown}; known fields: {sorted(names)}")
+        fixed = {}
+        for key, value in data.items():
+            if key == "backbone_kwargs":
+                value = tuple((str(k), v) for k, v in value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            fixed[key] = value
+        return cls(**fixed)
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"DinoConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _check_range(cfg: DinoConfig, name: str, lo: float, hi: float, *, lo_open=False, hi_open=False):
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        _fail(name, value, "a number")
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
+        _fail(name, value, f"values in {left}{lo}, {hi}{right}")
+
+
+def _check_int(cfg: DinoConfig, name: str, lo: int, hi: int = 2**31) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        _fail(name, value, f"an integer in [{lo}, {hi}]")
+
+
+def _check_scale(cfg: DinoConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    ok = (
+        isinstance(value, tuple) and len(value) == 2
+        and all(isinstance(v, (int, float)) for v in value) and 0 < value[0] <= value[1] <= 1
+    )
+    if not ok:
+        _fail(name, value, "a pair (lo, hi) with 0 < lo <= hi <= 1")
+
+
+def _validate(cfg: DinoConfig) -> None:
+    if not isinstance(cfg.arch, str) or not cfg.arch:
+        _fail("arch", cfg.arch, "a timm model name such as 'vit_small_patch16_224' or 'resnet50'")
+    for name in ("patch_size", "img_size"):
+        if getattr(cfg, name) is not None:
+            _check_int(cfg, name, 1)
+    if not isinstance(cfg.backbone_kwargs, tuple) or not all(
+        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in cfg.backbone_kwargs
+    ):
+        _fail("backbone_kwargs", cfg.backbone_kwargs, "a tuple of (name, value) pairs")
+    _check_range(cfg, "drop_path_rate", 0.0, 1.0, hi_open=True)
+    _check_int(cfg, "out_dim", 1, 2**22)
+    _check_int(cfg, "head_hidden_dim", 1)
+    _check_int(cfg, "head_bottleneck_dim", 1)
+    _check_int(cfg, "head_n_layers", 1, 16)
+    _check_int(cfg, "n_global_crops", 1, 16)
+    _check_int(cfg, "n_local_crops", 0, 64)
+    if cfg.n_crops < 2:
+        _fail("n_local_crops", cfg.n_local_crops, "at least 1 when n_global_crops is 1 (no pairs)")
+    _check_int(cfg, "global_crop_size", 1)
+    _check_int(cfg, "local_crop_size", 1)
+    _check_scale(cfg, "global_crop_scale")
+    _check_scale(cfg, "local_crop_scale")
+    _check_range(cfg, "student_temp", 0.0, 100.0, lo_open=True)
+    _check_range(cfg, "teacher_temp", 0.0, 100.0, lo_open=True)
+    _check_range(cfg, "warmup_teacher_temp", 0.0, 100.0, lo_open=True)
+    _check_range(cfg, "warmup_teacher_temp_epochs", 0.0, float(cfg.epochs) if isinstance(cfg.epochs, int) else 0.0)
+    _check_range(cfg, "center_momentum", 0.0, 1.0)
+    _check_int(cfg, "epochs", 1)
+    _check_int(cfg, "steps_per_epoch", 1)
+    _check_int(cfg, "batch_size", 1)
+    _check_int(cfg, "grad_accum_steps", 1)
+    if cfg.batch_size % cfg.grad_accum_steps:
+        _fail("grad_accum_steps", cfg.grad_accum_steps, f"a divisor of batch_size={cfg.batch_size}")
+    _check_range(cfg, "lr", 0.0, 10.0)
+    _check_range(cfg, "min_lr", 0.0, 10.0)
+    _check_range(cfg, "warmup_epochs", 0.0, float(cfg.epochs))
+    _check_range(cfg, "weight_decay", 0.0, 10.0)
+    _check_range(cfg, "weight_decay_end", 0.0, 10.0)
+    b = cfg.adam_betas
+    if not (isinstance(b, tuple) and len(b) == 2 and all(isinstance(x, float) and 0 <= x < 1 for x in b)):
+        _fail("adam_betas", b, "a pair of floats in [0, 1)")
+    _check_range(cfg, "adam_eps", 0.0, 1.0, lo_open=True)
+    _check_range(cfg, "clip_grad", 0.0, 1e9)
+    _check_range(cfg, "freeze_last_layer", 0.0, float(cfg.epochs))
+    _check_range(cfg, "teacher_momentum", 0.0, 1.0)
+    _check_range(cfg, "teacher_momentum_end", 0.0, 1.0)
+    if cfg.loss_impl not in LOSS_IMPLS:
+        _fail("loss_impl", cfg.loss_impl, f"one of {LOSS_IMPLS}")
+    if cfg.precision not in PRECISIONS:
+        _fail("precision", cfg.precision, f"one of {PRECISIONS}")
+    _check_int(cfg, "seed", 0, 2**63 - 1)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of DinoConfig in declaration order (for CLIs and docs)."""
+    return list(dataclasses.fields(DinoConfig))
+
+
+def field_doc(name: str) -> str:
+    """The one-line docstring written under a field (parsed from this file's source)."""
+    return _FIELD_DOCS.get(name, "")
+
+
+def _parse_field_docs() -> dict[str, str]:
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(DinoConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value).strip()
+    return docs
+
+
+_FIELD_DOCS = _parse_field_docs()
+__all__ = ["DinoConfig", "config_fields", "field_doc", "PRECISIONS"]

@@ -1,0 +1,58 @@
+"""Collapse diagnostics of a DINO step (pure functions of the logits; no host sync).
+
+DINO can collapse two ways (paper sec. 5.3): to a uniform teacher (every output equal; entropy
+of q near log K) or to a one-hot teacher (one dimension dominates for every image). The metrics:
+- ``teacher_entropy``: mean over teacher rows of H(q) (uniform collapse: -> log K).
+- ``teacher_effective_dims``: exp(H(mean over rows of q)), the perplexity of the batch-average
+  teacher distribution: how many output dimensions the batch actually uses (one-hot collapse: -> 1).
+- ``kl``: mean over pairs of KL(q_i || p_j) = loss - mean H(q_i), since H(q, p) = H(q) + KL(q || p)
+  and every teacher crop appears in the same number of pairs. Near 0 with a uniform collapse.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def teacher_diagnostics(
+    teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: torch.Tensor | float, loss: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """teacher_logits ``[G*B, K]`` fp32, center ``[K]`` -> 0-d fp32 tensors."""
+    log_q = F.log_softmax((teacher_logits.float() - center.float()) / teacher_temp, dim=-1)
+    q = log_q.exp()
+    entropy = -(q * log_q).sum(dim=-1).mean()
+    mean_q = q.mean(dim=0)
+    mean_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-30))).sum()
+    return {
+        "teacher_entropy": entropy,
+        "teacher_effective_dims": mean_entropy.exp(),
+        "kl": loss.detach().float() - entropy,
+        "center_norm": torch.linalg.vector_norm(center.float()),
+    }
+
+
+def collapse_report(metrics: dict[str, float], out_dim: int) -> str | None:
+    """A warning text when host-side metric values show collapse, else None.
+
+    Thresholds: teacher entropy above 90% of log K (near-uniform teacher), or fewer than
+    max(2, 0.2% of K) effective dimensions (one dimension dominates the whole batch).
+    """
+    log_k = math.log(out_dim)
+    entropy = metrics.get("teacher_entropy")
+    dims = metrics.get("teacher_effective_dims")
+    if entropy is not None and out_dim > 1 and entropy > 0.9 * log_k:
+        return (
+            f"collapse warning: teacher entropy {entropy:.3f} is near log K = {log_k:.3f} (uniform teacher). "
+            "Likely fixes: lower the teacher temperature (teacher_temp, e.g. 0.04), raise center_momentum "
+            "less aggressively or check centering is on, lower teacher_momentum (e.g. 0.99) on small data."
+        )
+    if dims is not None and dims < max(2.0, 0.002 * out_dim):
+        return (
+            f"collapse warning: the teacher uses only {dims:.1f} of K = {out_dim} output dimensions "
+            "(one dimension dominates). Likely fixes: keep centering on (center_momentum < 1), raise the "
+            "teacher temperature slightly, use a smaller out_dim on small data sets, lower the learning rate."
+        )
+    return None

@@ -1,0 +1,167 @@
+"""The DINO loss (paper eq. 1 and Algorithm 1): cross-entropy between the centered, sharpened
+teacher softmax and the student log-softmax, averaged over all (teacher crop i, student crop j,
+i != j) pairs and over the batch.
+
+Layout (crop-major, as in the reference code): student logits are ``[V*B, K]`` with rows
+``j*B .. j*B+B-1`` holding crop j; teacher logits are ``[G*B, K]`` for the G global crops.
+The loss is a pure function: it returns ``(loss, batch_center)``; the center EMA, and any
+all-reduce of ``batch_center``, are separate steps done by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "triton", "reference")
+Temperature = float | torch.Tensor
+
+
+def dino_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    student_temp: Temperature,
+    teacher_temp: Temperature,
+    n_global_crops: int = 2,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DINO loss and the batch center of the teacher logits.
+
+    Args:
+        student_logits: ``[V*B, K]`` crop-major, fp32/bf16/fp16. Gradients flow into it.
+        teacher_logits: ``[G*B, K]`` for the G = ``n_global_crops`` global crops (no gradient:
+            the teacher is a stop-gradient target, as in the paper).
+        center: ``[K]`` running center c.
+        student_temp, teacher_temp: tau_s and tau_t, Python floats or 0-d tensors (tensors keep
+            a compiled step from recompiling when a schedule changes them).
+        impl: ``"triton"`` (fused kernel), ``"reference"`` (plain PyTorch) or ``"auto"``
+            (the kernel on CUDA when Triton is installed and G = 2, the reference elsewhere).
+
+    Returns:
+        ``loss``: 0-d fp32, mean over the ``G*(V-1)`` pairs and the batch of
+        ``H(q_i, p_j) = -sum_k q_i[k] log p_j[k]`` with ``q_i = softmax((t_i - c) / tau_t)`` and
+        ``log p_j = log_softmax(s_j / tau_s)``.
+        ``batch_center``: ``[K]`` fp32 mean of the teacher rows (before any all-reduce).
+    """
+    check_loss_inputs(student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops)
+    choice = resolve_impl(impl, student_logits, n_global_crops)
+    if choice == "triton":
+        from .kernels.dino_loss import dino_loss_triton
+
+        return dino_loss_triton(
+            student_logits, teacher_logits, center,
+            student_temp=student_temp, teacher_temp=teacher_temp, n_global_crops=n_global_crops,
+        )
+    return dino_loss_reference(
+        student_logits, teacher_logits, center,
+        student_temp=student_temp, teacher_temp=teacher_temp, n_global_crops=n_global_crops,
+    )
+
+
+def dino_loss_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    student_temp: Temperature,
+    teacher_temp: Temperature,
+    n_global_crops: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch DINO loss, same signature and semantics as `dino_loss`.
+
+    All (i, j) pair terms come from one contraction: ``cross[i, j] = sum_b <q_i^b, log p_j^b>``,
+    then the diagonal (a global crop paired with itself) is masked out. Math is fp32 (fp64 for fp64 inputs).
+    """
+    n_global = n_global_crops
+    n_rows, k = student_logits.shape
+    batch = teacher_logits.shape[0] // n_global
+    n_crops = n_rows // batch
+    work = torch.promote_types(student_logits.dtype, torch.float32)
+    teacher = teacher_logits.detach().to(work)
+    q = F.softmax((teacher - center.detach().to(work)) / teacher_temp, dim=-1).view(n_global, batch, k)
+    log_p = F.log_softmax(student_logits.to(work) / student_temp, dim=-1).view(n_crops, batch, k)
+    cross = torch.einsum("ibk,jbk->ij", q, log_p)  # (G, V): summed over batch and K
+    keep = 1.0 - torch.eye(n_global, n_crops, dtype=cross.dtype, device=cross.device)
+    n_pairs = n_global * n_crops - n_global
+    loss = -(cross * keep).sum() / (n_pairs * batch)
+    return loss, teacher.mean(dim=0)
+
+
+def resolve_impl(impl: str, student_logits: torch.Tensor, n_global_crops: int) -> str:
+    """Which implementation ``impl`` means for these inputs."""
+    if impl not in IMPLS:
+        raise ValueError(f"dino_loss impl={impl!r} is unknown: choose one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    if student_logits.is_cuda and n_global_crops == 2 and triton_available():
+        return "triton"
+    return "reference"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_loss_inputs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: Temperature,
+    teacher_temp: Temperature,
+    n_global_crops: int,
+) -> int:
+    """Validate shapes and dtypes of the loss inputs; returns B (images per crop).
+
+    Every error names the offending argument, what it got and what it needs.
+    """
+    float_types = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"dino_loss: {name} must be a 2-D tensor [rows, K], got {got}")
+        if t.dtype not in float_types:
+            raise TypeError(f"dino_loss: {name} must be floating point (fp32/bf16/fp16/fp64), got {t.dtype}")
+    k = student_logits.shape[1]
+    if teacher_logits.shape[1] != k:
+        raise ValueError(
+            f"dino_loss: K mismatch: student_logits has K={k} but teacher_logits has K={teacher_logits.shape[1]}; "
+            "both must come from the same head (same out_dim)"
+        )
+    if not isinstance(center, torch.Tensor) or tuple(center.shape) != (k,):
+        got = tuple(center.shape) if isinstance(center, torch.Tensor) else type(center).__name__
+        raise ValueError(f"dino_loss: center must have shape [K]=[{k}], got {got}")
+    if isinstance(n_global_crops, bool) or not isinstance(n_global_crops, int) or n_global_crops < 1:
+        raise ValueError(f"dino_loss: n_global_crops must be a positive int, got {n_global_crops!r}")
+    rows_t = teacher_logits.shape[0]
+    if rows_t == 0 or rows_t % n_global_crops:
+        raise ValueError(
+            f"dino_loss: teacher_logits has {rows_t} rows, not a positive multiple of n_global_crops="
+            f"{n_global_crops} (expected [n_global_crops*B, K])"
+        )
+    batch = rows_t // n_global_crops
+    rows_s = student_logits.shape[0]
+    if rows_s % batch or rows_s // batch < n_global_crops:
+        raise ValueError(
+            f"dino_loss: student_logits has {rows_s} rows but the teacher implies B={batch} images; "
+            f"expected V*B rows with V >= n_global_crops={n_global_crops} crops (crop-major layout)"
+        )
+    if rows_s // batch == 1:
+        raise ValueError("dino_loss: a single crop has no (teacher, student) pair with i != j; use V >= 2")
+    for name, temp in (("student_temp", student_temp), ("teacher_temp", teacher_temp)):
+        if isinstance(temp, torch.Tensor):
+            if temp.numel() != 1:
+                raise ValueError(f"dino_loss: {name} must be a float or a 0-d tensor, got shape {tuple(temp.shape)}")
+        elif not isinstance(temp, (int, float)) or not temp > 0:
+            raise ValueError(f"dino_loss: {name} must be > 0, got {temp!r}")
+    return batch
+
+
+def update_center(center: torch.Tensor, batch_center: torch.Tensor, momentum: float | torch.Tensor) -> torch.Tensor:
+    """Center EMA, after the loss: c <- m c + (1 - m) batch_center (a new tensor)."""
+    return center * momentum + batch_center * (1.0 - momentum)

@@ -1,0 +1,191 @@
+"""The DINO network: a timm backbone plus the DINO projection head, driven statelessly.
+
+Modules here are *templates*: they are built on the ``meta`` device and hold no real tensors.
+Parameters and buffers live in pytrees (dicts of tensors) inside `TrainState` and are supplied
+to every forward with `torch.func.functional_call`. Student and teacher use two instances of the
+same definition because the paper's teacher has no stochastic depth and keeps its logits in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DinoConfig
+
+
+class WeightNormLinear(nn.Module):
+    """Linear layer with weight normalization written out: W = g * v / ||v|| (row-wise, no bias).
+
+    The paper's head uses `nn.utils.weight_norm`, which relies on forward pre-hooks that mutate
+    module state; writing it out keeps the forward a pure function of (weight_v, weight_g).
+    Names match the reference checkpoint layout (``weight_v`` and ``weight_g``).
+    With ``trainable_scale=False`` (the paper's ``norm_last_layer``), g is a buffer fixed to 1,
+    so the logits are cosines in [-1, 1].
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, trainable_scale: bool, fp32: bool) -> None:
+        super().__init__()
+        # Default nn.Linear init for the direction, as in the reference head (its last layer is
+        # created after the truncated-normal init pass).
+        weight = torch.empty(out_dim, in_dim)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.weight_v = nn.Parameter(weight)
+        scale = torch.ones(out_dim, 1)
+        if trainable_scale:
+            self.weight_g = nn.Parameter(scale)
+        else:
+            self.register_buffer("weight_g", scale)
+        # The teacher's logits are divided by tau_t ~ 0.04: bf16 rounding would be magnified 25x,
+        # so this layer can run outside autocast in fp32 (see KERNEL_NOTES).
+        self.fp32 = fp32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
+        if self.fp32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._linear(x.float())
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        direction = self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return F.linear(x, direction * self.weight_g)
+
+
+class DinoHead(nn.Module):
+    """MLP -> L2 normalization -> weight-normalized linear layer to K dimensions (paper, sec. 3.1)."""
+
+    def __init__(self, in_dim: int, cfg: DinoConfig, *, fp32_logits: bool) -> None:
+        super().__init__()
+        dims = [in_dim] + [cfg.head_hidden_dim] * (cfg.head_n_layers - 1) + [cfg.head_bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims, dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:  # hidden layers: [BN], GELU; the bottleneck output has neither
+                if cfg.head_use_bn:
+                    layers.append(nn.BatchNorm1d(b))
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = WeightNormLinear(
+            cfg.head_bottleneck_dim, cfg.out_dim, trainable_scale=not cfg.norm_last_layer, fp32=fp32_logits
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, K)
+        x = self.mlp(x)
+        x = F.normalize(x, dim=-1, p=2)
+        return self.last_layer(x)
+
+
+class DinoNetwork(nn.Module):
+    """Backbone + head over a list of crops (the reference code's multi-crop wrapper).
+
+    Consecutive crops of equal resolution go through the backbone in one call; the head runs once
+    on all features. Output rows are crop-major: rows j*B .. j*B+B-1 belong to crop j.
+    """
+
+    def __init__(self, backbone: nn.Module, head: DinoHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        features = [self.backbone(torch.cat(group)) for group in resolution_groups(crops)]
+        return self.head(torch.cat(features))
+
+
+def resolution_groups(crops) -> list[list[torch.Tensor]]:
+    """Split a crop list into runs of consecutive crops with the same (C, H, W)."""
+    groups: list[list[torch.Tensor]] = []
+    for crop in crops:
+        if groups and groups[-1][0].shape[1:] == crop.shape[1:]:
+            groups[-1].append(crop)
+        else:
+            groups.append([crop])
+    return groups
+
+
+def is_vit(module: nn.Module) -> bool:
+    """True for timm vision transformers (they have a patch embedding and a CLS token option)."""
+    return hasattr(module, "patch_embed") and hasattr(module, "blocks")
+
+
+def _backbone_kwargs(cfg: DinoConfig, *, drop_path_rate: float, vit: bool) -> dict:
+    kwargs = dict(cfg.backbone_kwargs)
+    kwargs["num_classes"] = 0
+    if drop_path_rate > 0:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if vit:
+        kwargs.setdefault("img_size", cfg.img_size or cfg.global_crop_size)
+        if cfg.patch_size is not None:
+            kwargs.setdefault("patch_size", cfg.patch_size)
+        # Local crops have another resolution: interpolate position embeddings per forward.
+        kwargs.setdefault("dynamic_img_size", True)
+    return kwargs
+
+
+def create_backbone(cfg: DinoConfig, *, drop_path_rate: float | None = None) -> nn.Module:
+    """A freshly initialized timm backbone without classifier (real tensors, current device)."""
+    rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(cfg.arch, pretrained=False, num_classes=0)
+    except RuntimeError as err:  # timm raises RuntimeError for unknown names
+        raise ValueError(
+            f"DinoConfig.arch={cfg.arch!r} is not a timm model; list names with timm.list_models()"
+        ) from err
+    vit = is_vit(probe)
+    if not vit and (cfg.patch_size is not None):
+        raise ValueError(f"DinoConfig.patch_size is set but arch={cfg.arch!r} is not a ViT; unset it")
+    backbone = timm.create_model(cfg.arch, pretrained=False, **_backbone_kwargs(cfg, drop_path_rate=rate, vit=vit))
+    if cfg.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone
+
+
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of the pooled feature the backbone returns."""
+    return int(backbone.num_features)
+
+
+def create_network(cfg: DinoConfig, *, teacher: bool = False) -> DinoNetwork:
+    """Backbone + head with real, freshly initialized tensors (the student's initialization)."""
+    backbone = create_backbone(cfg, drop_path_rate=0.0 if teacher else None)
+    head = DinoHead(feature_dim(backbone), cfg, fp32_logits=teacher)
+    return DinoNetwork(backbone, head)
+
+
+@functools.lru_cache(maxsize=16)
+def network_template(cfg: DinoConfig, *, teacher: bool) -> DinoNetwork:
+    """The stateless module (on ``meta``) that `functional_call` drives, cached per config.
+
+    The student template has the configured stochastic depth; the teacher template has none and
+    computes its logits in fp32, as in the paper's reference code.
+    """
+    with torch.device("meta"):
+        module = create_network(cfg, teacher=teacher)
+    return module.train()
+
+
+def split_params_and_buffers(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Detached copies of a module's trainable parameters and its buffers, as two pytrees."""
+    params = {k: v.detach().clone() for k, v in module.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
+    return params, buffers
+
+
+def is_last_layer(name: str) -> bool:
+    """Parameters frozen during the first `freeze_last_layer` epochs."""
+    return name.startswith("head.last_layer.")
+
+
+def is_regularized(name: str, tensor: torch.Tensor) -> bool:
+    """Weight decay applies to weights only: not to biases and norm parameters (ndim 1)."""
+    return not (name.endswith(".bias") or tensor.ndim <= 1)

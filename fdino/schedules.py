@@ -1,0 +1,90 @@
+"""Schedules as pure functions of the step: learning rate, weight decay, teacher momentum,
+teacher temperature, last-layer freezing.
+
+Each takes the config and the step as a 0-d integer tensor and returns a 0-d tensor computed on
+the step's device, so a compiled training step sees the same graph at every step (no new Python
+float ever reaches it). Python ints are accepted too, for plotting and tests.
+
+Closed forms (s = step, T = total steps, W = warm-up steps; all per optimizer step):
+- learning rate: ``peak * s / W`` for ``s < W``, then cosine ``min + (peak - min) * (1 + cos(pi * (s - W) / (T - W))) / 2``
+  where ``peak = lr * batch_size / 256`` (the paper's linear scaling rule).
+- weight decay: cosine from ``weight_decay`` at s = 0 to ``weight_decay_end`` at s = T.
+- teacher momentum: ``1 - (1 - m0) * (1 + cos(pi * s / T)) / 2``, from m0 to ``teacher_momentum_end`` (1 in the paper).
+- teacher temperature: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over the warm-up, then constant.
+  Deviation from the reference code: the ramp is per step, not per epoch (as in DINOv2), so it has no jumps.
+After T every schedule holds its final value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import DinoConfig
+
+
+def _as_step(step: torch.Tensor | int) -> torch.Tensor:
+    # float64 keeps the boundaries exact (s == W, s == T) for any realistic step count.
+    if isinstance(step, torch.Tensor):
+        return step.to(torch.float64)
+    return torch.tensor(float(step), dtype=torch.float64)
+
+
+def _cosine(start: float, end: float, progress: torch.Tensor) -> torch.Tensor:
+    """start at progress 0, end at progress 1 (progress clamped to [0, 1])."""
+    progress = progress.clamp(0.0, 1.0)
+    return end + (start - end) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+
+
+def warmup_steps(cfg: DinoConfig) -> int:
+    return int(round(cfg.warmup_epochs * cfg.steps_per_epoch))
+
+
+def learning_rate(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
+    """Linear warm-up from 0 to the scaled peak, then cosine decay to ``min_lr``."""
+    s = _as_step(step)
+    peak, total, warm = cfg.peak_lr, cfg.total_steps, warmup_steps(cfg)
+    decay = _cosine(peak, cfg.min_lr, (s - warm) / max(total - warm, 1))
+    if warm == 0:
+        return decay.float()
+    return torch.where(s < warm, peak * s / warm, decay).float()
+
+
+def weight_decay(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
+    """Cosine from ``weight_decay`` to ``weight_decay_end`` over the run."""
+    return _cosine(cfg.weight_decay, cfg.weight_decay_end, _as_step(step) / cfg.total_steps).float()
+
+
+def teacher_momentum(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
+    """Cosine from ``teacher_momentum`` to ``teacher_momentum_end`` (paper: 0.996 -> 1)."""
+    return _cosine(cfg.teacher_momentum, cfg.teacher_momentum_end, _as_step(step) / cfg.total_steps).float()
+
+
+def teacher_temperature(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
+    """Linear warm-up of tau_t, then constant."""
+    s = _as_step(step)
+    warm = cfg.warmup_teacher_temp_epochs * cfg.steps_per_epoch
+    if warm <= 0:
+        return torch.full_like(s, cfg.teacher_temp).float()
+    ramp = cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * (s / warm).clamp(max=1.0)
+    return ramp.float()
+
+
+def freeze_last_layer_steps(cfg: DinoConfig) -> int:
+    return int(round(cfg.freeze_last_layer * cfg.steps_per_epoch))
+
+
+def last_layer_frozen(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
+    """True while the head's last layer must not be updated (first ``freeze_last_layer`` epochs)."""
+    return _as_step(step) < freeze_last_layer_steps(cfg)
+
+
+def all_schedules(cfg: DinoConfig, step: torch.Tensor | int) -> dict[str, torch.Tensor]:
+    """Every scheduled value at ``step`` (0-d tensors), keyed by metric name."""
+    return {
+        "lr": learning_rate(cfg, step),
+        "wd": weight_decay(cfg, step),
+        "momentum": teacher_momentum(cfg, step),
+        "teacher_temp": teacher_temperature(cfg, step),
+    }

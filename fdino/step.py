@@ -1,0 +1,245 @@
+"""The DINO training step (paper Algorithm 1) as pure functions over `TrainState`.
+
+    train_step(state, batch) -> (state, metrics)
+
+``batch`` is a sequence of V crop tensors ``[B, C, H, W]``, the G global crops first. One step:
+1. schedules at ``state.step`` (0-d tensors: lr, weight decay, momentum, teacher temperature);
+2. teacher forward on the global crops (no gradient), student forward on all crops, both through
+   `torch.func.functional_call` on stateless templates; crops of one resolution share a call;
+3. loss and gradients with `torch.func.grad_and_value` (the loss returns the batch center too);
+4. per-parameter gradient clipping, AdamW, last-layer freezing;
+5. teacher EMA (one `_foreach_lerp_`), then the center EMA with the batch center.
+
+Donation: ``train_step`` updates the tensors of the input state IN PLACE and returns a state
+holding those same tensors (like JAX's donated buffers: no second copy of parameters, moments or
+teacher). Keep a copy with `fdino.clone_state` if you need the old values. Metrics are device
+tensors; nothing in the step reads a value on the host.
+
+With ``grad_accum_steps > 1`` the batch is split into micro-batches whose gradients are summed
+(each weighted by its share of the batch) against the same teacher outputs' center; the center and
+the teacher EMA update once per optimizer step, so the result equals one step on the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch.func import functional_call, grad_and_value
+
+from . import schedules
+from .config import DinoConfig
+from .diagnostics import teacher_diagnostics
+from .ema import ema_update_
+from .loss import dino_loss
+from .models import is_last_layer, is_regularized, network_template
+from .optim import adamw_, adamw_frozen_aware_, clip_grads_per_param_
+from .state import TrainState
+
+Tree = dict[str, torch.Tensor]
+# Reduces (sums or averages) tensors across data-parallel workers in place; see fdino.distributed.
+Reducer = Callable[[list[torch.Tensor]], None]
+
+
+def _autocast(cfg: DinoConfig, device: torch.device):
+    if cfg.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Networks(NamedTuple):
+    """The stateless module templates the step drives (resolved outside compiled code)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+
+
+def networks(cfg: DinoConfig) -> Networks:
+    return Networks(network_template(cfg, teacher=False), network_template(cfg, teacher=True))
+
+
+def teacher_logits(cfg: DinoConfig, net: torch.nn.Module, teacher: Tree, teacher_buffers: Tree,
+                   global_crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[G*B, K]`` fp32 teacher outputs (no gradient; BatchNorm statistics update in place)."""
+    with torch.no_grad(), _autocast(cfg, global_crops[0].device):
+        out = functional_call(net, (teacher, teacher_buffers), (list(global_crops),))
+    return out.float()
+
+
+def micro_grads(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequence[torch.Tensor],
+                center: torch.Tensor, teacher_temp: torch.Tensor) -> tuple[Tree, dict[str, torch.Tensor]]:
+    """Gradients of the DINO loss on one (micro-)batch w.r.t. the student parameters.
+
+    Returns ``(grads, out)`` with ``out`` holding ``loss``, ``batch_center`` and the diagnostics.
+    """
+    g = cfg.n_global_crops
+    t_logits = teacher_logits(cfg, nets.teacher, state.teacher, state.teacher_buffers, crops[:g])
+
+    def loss_fn(params: Tree, buffers: Tree):
+        with _autocast(cfg, crops[0].device):
+            s_logits = functional_call(nets.student, (params, buffers), (list(crops),))
+        loss, batch_center = dino_loss(
+            s_logits, t_logits, center, student_temp=cfg.student_temp, teacher_temp=teacher_temp,
+            n_global_crops=g, impl=cfg.loss_impl,
+        )
+        return loss, batch_center
+
+    # Buffers are an explicit (non-differentiated) input: functorch forbids mutating captured tensors.
+    grads, (loss, batch_center) = grad_and_value(loss_fn, has_aux=True)(state.student, state.student_buffers)
+    out = {"loss": loss.detach(), "batch_center": batch_center}
+    out.update(teacher_diagnostics(t_logits, center, teacher_temp, loss))
+    return grads, out
+
+
+def apply_update(cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: torch.Tensor,
+                 sched: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clip, AdamW, teacher EMA and center EMA, all in place on ``state``; returns metrics."""
+    names = list(state.student)
+    grad_list = [grads[k] for k in names]
+    grad_norm = clip_grads_per_param_(grad_list, cfg.clip_grad)
+    # The last layer is its own group only when it can be frozen (a static property of the config).
+    last = [k for k in names if cfg.freeze_last_layer > 0 and is_last_layer(k)]
+    rest = [k for k in names if k not in last]
+    common = dict(lr=sched["lr"], wd=sched["wd"], betas=cfg.adam_betas, eps=cfg.adam_eps)
+    for frozen_group, group in ((False, rest), (True, last)):
+        args = (
+            [state.student[k] for k in group], [grads[k] for k in group],
+            [state.opt.exp_avg[k] for k in group], [state.opt.exp_avg_sq[k] for k in group],
+            [state.opt.count[k] for k in group],
+        )
+        regularized = [is_regularized(k, state.student[k]) for k in group]
+        if frozen_group:
+            frozen = schedules.last_layer_frozen(cfg, state.step).to(state.center.device)
+            adamw_frozen_aware_(*args, frozen=frozen, regularized=regularized, **common)
+        else:
+            adamw_(*args, regularized=regularized, **common)
+    ema_update_([state.teacher[k] for k in names], [state.student[k] for k in names], sched["momentum"])
+    state.center.lerp_(batch_center, 1.0 - cfg.center_momentum)
+    state.step.add_(1)
+    return {"grad_norm": grad_norm}
+
+
+def _full_step(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One optimizer step on one batch without accumulation or collectives (one compiled graph)."""
+    sched = schedules.all_schedules(cfg, state.step)
+    grads, out = micro_grads(cfg, nets, state, crops, state.center, sched["teacher_temp"])
+    metrics = apply_update(cfg, state, grads, out.pop("batch_center"), sched)
+    return {**sched, **out, **metrics}
+
+
+def _accumulated_step(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequence[torch.Tensor],
+                      grad_fn, update_fn, reducer: Reducer | None) -> dict[str, torch.Tensor]:
+    """Micro-batched and/or data-parallel step: grads summed over micro-batches (each weighted by
+    its share of the batch, so the loss normalization is that of the whole batch), then reduced
+    across workers, then one update. Center and teacher are fixed during accumulation."""
+    n_micro = cfg.grad_accum_steps
+    chunks = [torch.chunk(c, n_micro) for c in crops]
+    sched = schedules.all_schedules(cfg, state.step)
+    total: Tree | None = None
+    outs: list[dict[str, torch.Tensor]] = []
+    for i in range(n_micro):
+        grads, out = grad_fn(cfg, nets, state, [c[i] for c in chunks], state.center, sched["teacher_temp"])
+        if total is None:
+            total = {k: g / n_micro for k, g in grads.items()}
+        else:
+            torch._foreach_add_(list(total.values()), list(grads.values()), alpha=1.0 / n_micro)
+        outs.append(out)
+    out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0]}
+    if reducer is not None:
+        # One collective pass over gradients and statistics: every worker averages the same tensors.
+        reducer(list(total.values()) + [out["batch_center"]] + [out[k] for k in out if k != "batch_center"])
+    metrics = update_fn(cfg, state, total, out.pop("batch_center"), sched)
+    return {**sched, **out, **metrics}
+
+
+def check_batch(cfg: DinoConfig, state: TrainState, batch: Sequence[torch.Tensor], world_size: int = 1) -> None:
+    """Host-side shape checks of a batch; errors name the problem and the fix."""
+    if not isinstance(batch, (list, tuple)):
+        raise TypeError(f"batch must be a list of {cfg.n_crops} crop tensors (global crops first), got {type(batch).__name__}")
+    if len(batch) != cfg.n_crops:
+        raise ValueError(
+            f"batch has {len(batch)} crops but the config expects n_global_crops + n_local_crops = "
+            f"{cfg.n_global_crops} + {cfg.n_local_crops} = {cfg.n_crops}; fix the augmentation or the config"
+        )
+    sizes = [cfg.global_crop_size] * cfg.n_global_crops + [cfg.local_crop_size] * cfg.n_local_crops
+    b = None
+    for i, (crop, size) in enumerate(zip(batch, sizes)):
+        kind = "global" if i < cfg.n_global_crops else "local"
+        if not isinstance(crop, torch.Tensor) or crop.ndim != 4:
+            raise ValueError(f"crop {i} ({kind}) must be a [B, C, H, W] tensor, got {getattr(crop, 'shape', type(crop))}")
+        if not crop.is_floating_point():
+            raise TypeError(f"crop {i} ({kind}) has dtype {crop.dtype}; convert images to float and normalize them")
+        if tuple(crop.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"crop {i} ({kind}) is {tuple(crop.shape[-2:])} pixels but the config's {kind}_crop_size is {size}; "
+                "global crops come first, then local crops"
+            )
+        if crop.device != state.device:
+            raise ValueError(f"crop {i} is on {crop.device} but the state is on {state.device}; move the batch")
+        b = crop.shape[0] if b is None else b
+        if crop.shape[0] != b:
+            raise ValueError(f"crop {i} has {crop.shape[0]} images but crop 0 has {b}: every crop needs the same batch")
+    if b * world_size != cfg.batch_size:
+        raise ValueError(
+            f"batch has B={b} images per crop x {world_size} worker(s) = {b * world_size}, but DinoConfig.batch_size="
+            f"{cfg.batch_size} (it scales the lr and normalizes the loss); set batch_size={b * world_size} or pass full batches"
+        )
+    if b % cfg.grad_accum_steps:
+        raise ValueError(f"B={b} is not divisible by grad_accum_steps={cfg.grad_accum_steps}")
+
+
+@contextlib.contextmanager
+def _step_rng(state: TrainState):
+    """Reseed the device RNG from (seed, draws) for the step and restore the caller's RNG after.
+
+    Stochastic depth draws from the global generator; reseeding per step from the state makes the
+    step a function of the state alone (resume reproduces it) without touching the caller's RNG.
+    """
+    seed, draws = (int(v) for v in state.rng.tolist())  # a CPU tensor: no device sync
+    devices = [state.device] if state.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 0x9E3779B97F4A7C15 + draws) % (2**63))
+        yield
+    state.rng[1] += 1
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(cfg: DinoConfig, kind: str):
+    fn = {"full": _full_step, "grads": micro_grads, "update": apply_update}[kind]
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, world_size: int):
+    cfg = state.cfg
+    check_batch(cfg, state, batch, world_size)
+    crops, nets = list(batch), networks(cfg)
+    with _step_rng(state):
+        if cfg.grad_accum_steps == 1 and reducer is None:
+            full = _compiled(cfg, "full") if compiled else _full_step
+            metrics = full(cfg, nets, state, crops)
+        else:
+            grad_fn = _compiled(cfg, "grads") if compiled else micro_grads
+            update_fn = _compiled(cfg, "update") if compiled else apply_update
+            metrics = _accumulated_step(cfg, nets, state, crops, grad_fn, update_fn, reducer)
+    return state, metrics
+
+
+def train_step(state: TrainState, batch: Sequence[torch.Tensor], *, reducer: Reducer | None = None,
+               world_size: int = 1) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """One DINO optimizer step, compiled with `torch.compile` (one graph per config, built on first use).
+
+    Donates ``state`` (updated in place; see the module docstring). ``reducer`` (data-parallel
+    training) averages gradients and statistics across ``world_size`` workers; see `fdino.distributed`.
+    Returns ``(state, metrics)``; metrics are 0-d device tensors: loss, lr, wd, momentum,
+    teacher_temp, grad_norm, teacher_entropy, teacher_effective_dims, kl, center_norm.
+    """
+    return _run(state, batch, compiled=True, reducer=reducer, world_size=world_size)
+
+
+def train_step_eager(state: TrainState, batch: Sequence[torch.Tensor], *, reducer: Reducer | None = None,
+                     world_size: int = 1) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """`train_step` without `torch.compile` (same math, same donation): the reference path."""
+    return _run(state, batch, compiled=False, reducer=reducer, world_size=world_size)

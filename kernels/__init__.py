@@ -1,0 +1,1 @@
+"""Triton kernels of fdino, installed as ``fdino.kernels``."""

@@ -1,0 +1,41 @@
+"""Test-session setup shared by every test file.
+
+- Without CUDA, Triton kernels run in the interpreter (TRITON_INTERPRET=1 on CPU tensors); the
+  variable must be set before triton is first imported, hence here, at collection time.
+- Hypothesis profiles: "ci" (default, few examples, no deadline: compiled code and the Triton
+  interpreter are slow on 2 cores) and "thorough" (select with HYPOTHESIS_PROFILE=thorough).
+- Strict numerics: deterministic algorithms on, default dtype fp32, seeded RNGs per test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "triton" in sys.modules and os.environ["TRITON_INTERPRET"] == "1":
+        raise RuntimeError("triton was imported before TRITON_INTERPRET was set; kernels would not run on CPU")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "thorough", max_examples=300, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng():
+    """Every test starts from the same global RNG state, so failures reproduce."""
+    torch.manual_seed(0)
+    yield
+

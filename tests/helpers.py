@@ -1,0 +1,16 @@
+"""Small helpers shared by test files (importable because pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU twin runs instead")
+
+# Per-dtype tolerances for comparisons against a float64 reference: (rtol, atol).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (2e-2, 2e-3),
+    torch.float16: (5e-3, 5e-4),
+}

@@ -1,0 +1,181 @@
+"""dino_loss (reference path) against the paper's definition, plus its mathematical invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fdino import dino_loss, dino_loss_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def paper_loss(student, teacher, center, tau_s, tau_t, n_global=2):
+    """Paper eq. 1 / Algorithm 1 as written: an explicit loop over (teacher i, student j != i) pairs,
+    in float64. Returns (loss, batch_center)."""
+    student, teacher, center = student.double(), teacher.double(), center.double()
+    b = teacher.shape[0] // n_global
+    v = student.shape[0] // b
+    s_chunks = (student / tau_s).split(b)
+    q_chunks = F.softmax((teacher - center) / tau_t, dim=-1).split(b)
+    total, n_pairs = 0.0, 0
+    for i, q in enumerate(q_chunks):
+        for j in range(v):
+            if j == i:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(s_chunks[j], dim=-1), dim=-1).mean()
+            n_pairs += 1
+    return total / n_pairs, teacher.mean(dim=0)
+
+
+@st.composite
+def loss_inputs(draw):
+    b = draw(st.integers(1, 4))
+    v = draw(st.integers(2, 12))
+    k = draw(st.sampled_from([1, 2, 3, 7, 16, 33, 64]))
+    scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(v * b, k, generator=g) * scale
+    teacher = torch.randn(2 * b, k, generator=g) * scale
+    center = torch.randn(k, generator=g) * 0.1
+    tau_s = draw(st.floats(0.05, 1.0))
+    tau_t = draw(st.floats(0.01, 0.5))
+    return student, teacher, center, tau_s, tau_t
+
+
+@given(loss_inputs())
+def test_reference_matches_paper_loop_loss_and_grad(inputs):
+    student, teacher, center, tau_s, tau_t = inputs
+    s64 = student.double().requires_grad_(True)
+    s32 = student.clone().requires_grad_(True)
+    want, want_center = paper_loss(s64, teacher, center, tau_s, tau_t)
+    got, got_center = dino_loss(s32, teacher, center, student_temp=tau_s, teacher_temp=tau_t)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_center.double(), want_center, rtol=1e-6, atol=1e-6)
+    cotangent = torch.randn(())
+    (want_grad,) = torch.autograd.grad(want * cotangent.double(), s64)
+    (got_grad,) = torch.autograd.grad(got * cotangent, s32)
+    scale = want_grad.abs().max().item() + 1e-12
+    torch.testing.assert_close(got_grad.double() / scale, want_grad / scale, rtol=1e-4, atol=1e-5)
+
+
+@given(loss_inputs())
+def test_float64_reference_is_exact(inputs):
+    student, teacher, center, tau_s, tau_t = inputs
+    want, _ = paper_loss(student, teacher, center, tau_s, tau_t)
+    got, _ = dino_loss_reference(student.double(), teacher.double(), center.double(), student_temp=tau_s, teacher_temp=tau_t)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_global,v", [(1, 3), (3, 5)])
+def test_other_global_crop_counts_match_the_paper_loop(n_global, v):
+    b, k = 3, 11
+    student, teacher, center = torch.randn(v * b, k), torch.randn(n_global * b, k), torch.randn(k)
+    want, _ = paper_loss(student, teacher, center, 0.1, 0.04, n_global=n_global)
+    got, _ = dino_loss(student.double(), teacher.double(), center.double(), student_temp=0.1, teacher_temp=0.04,
+                       n_global_crops=n_global)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_loss_is_teacher_entropy_plus_kl_per_pair():
+    b, v, k = 3, 4, 9
+    student, teacher, center = torch.randn(v * b, k).double(), torch.randn(2 * b, k).double(), torch.randn(k).double()
+    tau_s, tau_t = 0.2, 0.05
+    q = F.softmax((teacher - center) / tau_t, -1).split(b)
+    log_p = F.log_softmax(student / tau_s, -1).split(b)
+    terms = []
+    for i in range(2):
+        for j in range(v):
+            if i != j:
+                entropy = -(q[i] * q[i].log()).sum(-1)
+                kl = (q[i] * (q[i].log() - log_p[j])).sum(-1)
+                terms.append((entropy + kl).mean())
+    loss, _ = dino_loss(student, teacher, center, student_temp=tau_s, teacher_temp=tau_t)
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-12, atol=1e-12)
+
+
+def test_invariant_to_adding_a_constant_to_a_student_row():
+    b, v, k = 2, 3, 8
+    student, teacher, center = torch.randn(v * b, k).double(), torch.randn(2 * b, k).double(), torch.randn(k).double()
+    shifted = student + torch.randn(v * b, 1).double() * 100
+    kw = dict(student_temp=0.1, teacher_temp=0.04)
+    torch.testing.assert_close(dino_loss(shifted, teacher, center, **kw)[0], dino_loss(student, teacher, center, **kw)[0])
+
+
+def test_invariant_to_permuting_the_batch_consistently_across_crops():
+    b, v, k = 5, 4, 6
+    # A small center and a soft teacher: each image's target differs, so pairings matter.
+    student, teacher, center = torch.randn(v * b, k).double(), torch.randn(2 * b, k).double(), 0.1 * torch.randn(k).double()
+    kw = dict(student_temp=0.1, teacher_temp=0.5)
+    perm = torch.randperm(b)
+    s_perm = student.view(v, b, k)[:, perm].reshape(v * b, k)
+    t_perm = teacher.view(2, b, k)[:, perm].reshape(2 * b, k)
+    loss, batch_center = dino_loss(student, teacher, center, **kw)
+    loss_p, batch_center_p = dino_loss(s_perm, t_perm, center, **kw)
+    torch.testing.assert_close(loss_p, loss)
+    torch.testing.assert_close(batch_center_p, batch_center)
+    # A permutation that differs between crops breaks the pairing, so the loss must change.
+    s_mixed = student.view(v, b, k).clone()
+    s_mixed[1] = s_mixed[1, perm.roll(1)]
+    assert not torch.allclose(dino_loss(s_mixed.reshape(v * b, k), teacher, center, **kw)[0], loss)
+
+
+def test_batch_center_is_the_mean_of_teacher_rows():
+    teacher = torch.randn(6, 5)
+    _, batch_center = dino_loss(torch.randn(9, 5), teacher, torch.zeros(5), student_temp=0.1, teacher_temp=0.04)
+    torch.testing.assert_close(batch_center, teacher.mean(0))
+
+
+def test_no_gradient_reaches_teacher_or_center():
+    teacher = torch.randn(4, 5, requires_grad=True)
+    center = torch.randn(5, requires_grad=True)
+    student = torch.randn(6, 5, requires_grad=True)
+    loss, _ = dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04)
+    loss.backward()
+    assert teacher.grad is None and center.grad is None and student.grad is not None
+
+
+def test_gradcheck_float64():
+    student = torch.randn(3 * 2, 7, dtype=torch.float64, requires_grad=True)
+    teacher, center = torch.randn(4, 7, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    fn = lambda s: dino_loss(s, teacher, center, student_temp=0.3, teacher_temp=0.07)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (student,))
+    assert torch.autograd.gradgradcheck(fn, (student,))
+
+
+def test_tensor_temperatures_equal_float_temperatures():
+    student, teacher, center = torch.randn(8, 10), torch.randn(4, 10), torch.randn(10)
+    a, _ = dino_loss(student, teacher, center, student_temp=0.1, teacher_temp=0.04)
+    b, _ = dino_loss(student, teacher, center, student_temp=torch.tensor(0.1), teacher_temp=torch.tensor(0.04))
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "student_shape,teacher_shape,center_shape,match",
+    [
+        ((8, 10), (4, 11), (10,), "K mismatch"),
+        ((8, 10), (4, 10), (9,), "center must have shape"),
+        ((8,), (4, 10), (10,), "2-D tensor"),
+        ((7, 10), (4, 10), (10,), "student_logits has 7 rows"),
+        ((8, 10), (3, 10), (10,), "not a positive multiple of n_global_crops"),
+        ((1, 10), (2, 10), (10,), "V >= n_global_crops"),
+    ],
+)
+def test_clear_errors_for_bad_shapes(student_shape, teacher_shape, center_shape, match):
+    with pytest.raises(ValueError, match=match):
+        dino_loss(torch.randn(student_shape), torch.randn(teacher_shape), torch.randn(center_shape),
+                  student_temp=0.1, teacher_temp=0.04)
+
+
+def test_clear_errors_for_bad_dtype_temperature_and_impl():
+    s, t, c = torch.randn(8, 10), torch.randn(4, 10), torch.zeros(10)
+    with pytest.raises(TypeError, match="floating point"):
+        dino_loss(s.long(), t, c, student_temp=0.1, teacher_temp=0.04)
+    with pytest.raises(ValueError, match="teacher_temp must be > 0"):
+        dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.0)
+    with pytest.raises(ValueError, match="impl='fast' is unknown"):
+        dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.04, impl="fast")

@@ -1,0 +1,63 @@
+"""fdino's functional train_step equals the classic imperative DINO step (fp32, CPU, eager)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fdino
+from classic_dino import ClassicDino
+from fdino import presets
+
+# Nonzero lr from the first step, the last layer frozen for exactly the first step, and a teacher
+# temperature warm-up, so every scheduled mechanism differs between the three steps.
+VIT = presets.smoke(lr=0.05, warmup_epochs=0.0, freeze_last_layer=0.2, warmup_teacher_temp=0.02,
+                    teacher_temp=0.06, warmup_teacher_temp_epochs=0.4, weight_decay=0.1, clip_grad=0.5)
+# A BatchNorm ResNet with the paper's ResNet head options. Some of its gradient entries are
+# rounding noise (~1e-8: a bias before BatchNorm, dead channels), and Adam's first step moves any
+# entry with |g| >> eps by about lr * sign(g), so fp32 noise would become lr-sized differences
+# between two correct implementations. A larger eps keeps noise-level entries from moving.
+RESNET = VIT.replace(
+    arch="resnet18", patch_size=None, head_use_bn=True, norm_last_layer=False, adam_eps=1e-3,
+    backbone_kwargs=(("layers", (1, 1, 1, 1)), ("channels", (8, 8, 16, 16)), ("stem_width", 8)),
+)
+
+
+def make_batches(cfg, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [cfg.global_crop_size] * cfg.n_global_crops + [cfg.local_crop_size] * cfg.n_local_crops
+    return [[torch.randn(cfg.batch_size, 3, s, s, generator=g) for s in sizes] for _ in range(n)]
+
+
+@pytest.mark.parametrize("cfg", [VIT, RESNET], ids=["vit", "resnet"])
+def test_three_steps_equal_the_classic_implementation(cfg):
+    state = fdino.init_state(cfg, device="cpu")
+    classic = ClassicDino(cfg, state.student, state.student_buffers)
+    for batch in make_batches(cfg, 3):
+        classic_loss = classic.step(batch)
+        state, metrics = fdino.train_step_eager(state, batch)
+        assert float(metrics["loss"]) == pytest.approx(classic_loss, rel=1e-5)
+    student = dict(classic.student.named_parameters())
+    teacher = dict(classic.teacher.named_parameters())
+    for name in state.student:
+        torch.testing.assert_close(state.student[name], student[name].detach(), rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(state.teacher[name], teacher[name], rtol=0, atol=1e-5, msg=name)
+    for name, buf in classic.student.named_buffers():
+        torch.testing.assert_close(state.student_buffers[name].float(), buf.float(), rtol=0, atol=1e-5, msg=name)
+    for name, buf in classic.teacher.named_buffers():
+        torch.testing.assert_close(state.teacher_buffers[name].float(), buf.float(), rtol=0, atol=1e-5, msg=name)
+    torch.testing.assert_close(state.center, classic.center[0], rtol=0, atol=1e-5)
+    assert int(state.step) == 3
+
+
+def test_last_layer_is_frozen_for_the_configured_steps_only():
+    state = fdino.init_state(VIT, device="cpu")
+    before = state.student["head.last_layer.weight_v"].clone()
+    batches = make_batches(VIT, 2)
+    state, _ = fdino.train_step_eager(state, batches[0])
+    assert torch.equal(state.student["head.last_layer.weight_v"], before)
+    assert float(state.opt.count["head.last_layer.weight_v"]) == 0.0
+    assert float(state.opt.exp_avg["head.last_layer.weight_v"].abs().sum()) == 0.0
+    state, _ = fdino.train_step_eager(state, batches[1])
+    assert not torch.equal(state.student["head.last_layer.weight_v"], before)
+    assert float(state.opt.count["head.last_layer.weight_v"]) == 1.0
