@@ -28,7 +28,9 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch._dynamo
 from torch.func import functional_call, grad_and_value
+from torch.nn.utils.stateless import _reparametrize_module
 
 from . import schedules
 from .config import DinoConfig
@@ -78,20 +80,44 @@ def micro_grads(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Seque
     g = cfg.n_global_crops
     t_logits = teacher_logits(cfg, nets.teacher, state.teacher, state.teacher_buffers, crops[:g])
 
-    def loss_fn(params: Tree, buffers: Tree):
-        with _autocast(cfg, crops[0].device):
-            s_logits = functional_call(nets.student, (params, buffers), (list(crops),))
-        loss, batch_center = dino_loss(
+    def loss_of_logits(s_logits: torch.Tensor):
+        return dino_loss(
             s_logits, t_logits, center, student_temp=cfg.student_temp, teacher_temp=teacher_temp,
             n_global_crops=g, impl=cfg.loss_impl,
         )
-        return loss, batch_center
 
-    # Buffers are an explicit (non-differentiated) input: functorch forbids mutating captured tensors.
-    grads, (loss, batch_center) = grad_and_value(loss_fn, has_aux=True)(state.student, state.student_buffers)
+    def loss_fn(params: Tree, buffers: Tree):
+        with _autocast(cfg, crops[0].device):
+            s_logits = functional_call(nets.student, (params, buffers), (list(crops),))
+        return loss_of_logits(s_logits)
+
+    if cfg.grad_checkpointing:
+        grads, (loss, batch_center) = _checkpointed_grad_and_value(
+            cfg, nets.student, state.student, state.student_buffers, crops, loss_of_logits)
+    else:
+        # Buffers are an explicit (non-differentiated) input: functorch forbids mutating captured tensors.
+        grads, (loss, batch_center) = grad_and_value(loss_fn, has_aux=True)(state.student, state.student_buffers)
     out = {"loss": loss.detach(), "batch_center": batch_center}
     out.update(teacher_diagnostics(t_logits, center, teacher_temp, loss))
     return grads, out
+
+
+def _checkpointed_grad_and_value(cfg: DinoConfig, net: torch.nn.Module, params: Tree, buffers: Tree,
+                                 crops: Sequence[torch.Tensor], loss_of_logits):
+    """`grad_and_value` for backbones with activation checkpointing.
+
+    Checkpointing recomputes blocks during the backward pass through saved-tensor hooks, which
+    `torch.func` transforms do not support, so this path uses autograd on detached leaf copies of
+    the parameters. The stateless template must see those tensors during the recomputation too,
+    so the parameter substitution (what `functional_call` does internally) spans the backward.
+    """
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with _reparametrize_module(net, {**leaves, **buffers}):
+        with torch.enable_grad(), _autocast(cfg, crops[0].device):
+            s_logits = net(list(crops))
+        loss, aux = loss_of_logits(s_logits)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(zip(leaves, grads)), (loss.detach(), aux)
 
 
 def apply_update(cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: torch.Tensor,
@@ -209,7 +235,20 @@ def _step_rng(state: TrainState):
 @functools.lru_cache(maxsize=8)
 def _compiled(cfg: DinoConfig, kind: str):
     fn = {"full": _full_step, "grads": micro_grads, "update": apply_update}[kind]
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    if not cfg.grad_checkpointing or kind == "update":
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+    # The checkpointing path calls torch.autograd.grad; dynamo traces it into the graph only with
+    # trace_autograd_ops (torch >= 2.14). Older versions compile it with graph breaks instead.
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return torch.compile(fn, fullgraph=False, dynamic=False)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+
+    @functools.wraps(fn)
+    def run(*args):
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args)
+
+    return run
 
 
 def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, world_size: int):

@@ -1,0 +1,120 @@
+"""Data parallelism on torch.distributed, kept outside the math.
+
+The step takes a *reducer*: a function that averages a list of tensors across workers in place.
+`train_step(state, batch, reducer=mean_reducer(), world_size=W)` then averages the gradients,
+the batch center and the metrics once per optimizer step; the single-process path passes no
+reducer and runs no collective. With every worker holding B/W images of the global batch, the
+averaged gradient of the per-worker mean losses is the gradient of the global mean loss, so W
+workers compute the same update as one process with the whole batch.
+
+Launch with torchrun (one node or many): ``torchrun --nproc_per_node N -m fdino train ...``.
+NCCL on CUDA, gloo on CPU. BatchNorm layers use per-worker batch statistics (no SyncBatchNorm),
+so only networks without BatchNorm (ViTs) are exactly equivalent to one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .state import TrainState
+
+DEFAULT_BUCKET_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes logs and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_from_env(device: str | None = None) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+    Without those variables (a plain `python` launch) this is a single process and nothing is
+    initialized. ``device``: "cuda" or "cpu"; default CUDA when available.
+    """
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of tensors with one dtype and device, each at most ``bucket_bytes``."""
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = buckets[-1] if buckets else None
+        if last is None or last[0].dtype != t.dtype or last[0].device != t.device or size + nbytes > bucket_bytes:
+            buckets.append([t])
+            size = nbytes
+        else:
+            last.append(t)
+            size += nbytes
+    return buckets
+
+
+def mean_reducer(group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    """A reducer averaging tensors across the group in place, one all-reduce per bucket.
+
+    Tensors are flattened into buckets of up to ``bucket_bytes`` (not one collective per
+    parameter), summed with all_reduce, divided by the world size and copied back.
+    """
+
+    def reduce_(tensors: list[torch.Tensor]) -> None:
+        world = dist.get_world_size(group)
+        for bucket in _buckets(tensors, bucket_bytes):
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat, group=group)
+            flat.div_(world)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    return reduce_
+
+
+def broadcast_state_(state: TrainState, src: int = 0, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """Make every worker's state bitwise equal to rank ``src``'s (after init or resume)."""
+    import torch.utils._pytree as pytree
+
+    leaves = [t for t in pytree.tree_leaves(state) if t.device == state.device]
+    for bucket in _buckets(leaves, bucket_bytes):
+        flat = torch.cat([t.reshape(-1).to(bucket[0].dtype) for t in bucket])
+        dist.broadcast(flat, src=src, group=group)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
