@@ -46,7 +46,7 @@ def dino_loss(
         ``batch_center``: ``[K]`` fp32 mean of the teacher rows (before any all-reduce).
     """
     check_loss_inputs(student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops)
-    choice = resolve_impl(impl, student_logits, n_global_crops)
+    choice = resolve_impl(impl, student_logits, teacher_logits, n_global_crops)
     if choice == "triton":
         from .kernels.dino_loss import dino_loss_triton
 
@@ -89,15 +89,23 @@ def dino_loss_reference(
     return loss, teacher.mean(dim=0)
 
 
-def resolve_impl(impl: str, student_logits: torch.Tensor, n_global_crops: int) -> str:
-    """Which implementation ``impl`` means for these inputs."""
+# The fused kernel holds all crops of an image in one register tile (see fdino.kernels.dino_loss).
+KERNEL_MAX_CROPS = 16
+
+
+def resolve_impl(impl: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, n_global_crops: int) -> str:
+    """Which implementation ``impl`` means for these inputs ("auto": the kernel where it applies)."""
     if impl not in IMPLS:
         raise ValueError(f"dino_loss impl={impl!r} is unknown: choose one of {IMPLS}")
     if impl != "auto":
         return impl
-    if student_logits.is_cuda and n_global_crops == 2 and triton_available():
-        return "triton"
-    return "reference"
+    n_crops = student_logits.shape[0] * n_global_crops // teacher_logits.shape[0]
+    return "triton" if kernel_applies(student_logits.device.type, n_crops, n_global_crops) else "reference"
+
+
+def kernel_applies(device_type: str, n_crops: int, n_global_crops: int) -> bool:
+    """The fused kernel runs on CUDA for exactly 2 global crops and at most KERNEL_MAX_CROPS crops."""
+    return device_type == "cuda" and n_global_crops == 2 and n_crops <= KERNEL_MAX_CROPS and triton_available()
 
 
 def triton_available() -> bool:
