@@ -1,0 +1,298 @@
+"""The main job: train DINO on a data set, watch it learn, stop at any moment, resume exactly.
+
+    summary = fdino.train.run(cfg, TrainOptions(data="shapes10", run_dir="runs/demo"))
+
+The run folder holds ``run.json`` (config and options), ``metrics.jsonl``, TensorBoard events in
+``tb/``, checkpoints ``ckpt-<step>.pt`` (state + loader position, atomic, newest few kept),
+``summary.json``, ``curves.png`` and ``attention/*.png``. ``resume(run_dir)`` continues from the
+newest checkpoint mid-epoch: the data order and augmentations are functions of (seed, epoch,
+index) and the step's randomness comes from the state, so an interrupted and resumed run ends
+bitwise equal to an uninterrupted one (CPU, deterministic mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import DinoConfig
+from .diagnostics import collapse_report
+from .distributed import DistInfo, broadcast_state_, init_from_env, mean_reducer, shutdown
+from .state import TrainState, init_state
+from .step import train_step, train_step_eager
+from .train_report import EvalSets, MetricsLog, evaluate_knn, finish_report
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss or the parameters stopped being finite."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    """How to run a training job (the config says what to train)."""
+
+    data: str = "shapes10"
+    """Data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist) or an image folder."""
+    data_root: str | None = None
+    """Where torchvision data sets / Fashion-MNIST files are (default $FDINO_DATA or ~/.cache/fdino)."""
+    download: bool = False
+    """Let torchvision download a missing data set (needs a network)."""
+    run_dir: str = "runs/demo"
+    """Folder for checkpoints, logs, plots."""
+    device: str = "auto"
+    """'auto' (CUDA if present, else CPU), 'cuda' or 'cpu'."""
+    compile: bool = True
+    """Use the compiled train_step (torch.compile); off: the eager reference step."""
+    workers: int = 2
+    """DataLoader worker processes."""
+    log_every: int = 10
+    """Steps between metric reads (the only host syncs of the loop)."""
+    ckpt_every: int = 100
+    """Steps between checkpoints (one is always written at the end)."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept on disk."""
+    eval_every: int = 0
+    """Steps between k-NN evaluations of the teacher (0: at the start and the end only)."""
+    knn_k: int = 20
+    """k of the weighted k-NN evaluation."""
+    eval_samples: int = 2000
+    """Memory-bank and query images used by k-NN during training (0: all)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0: the whole schedule)."""
+    max_minutes: float = 0.0
+    """Stop (with a checkpoint) once this much wall time has passed in this process (0: no limit)."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): bitwise reproducible runs and resumes."""
+    attention_images: int = 4
+    """Images whose attention maps are saved at the end (ViT backbones)."""
+    tensorboard: bool = True
+    """Write TensorBoard events to run_dir/tb."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Options that may change when a run is resumed (how it runs, not what it computes).
+RESUMABLE_OVERRIDES = ("device", "compile", "workers", "log_every", "ckpt_every", "keep_checkpoints", "eval_every",
+                       "max_steps", "max_minutes", "progress", "tensorboard", "deterministic")
+
+
+def _resolve_device(name: str, info_device: torch.device) -> str:
+    if name == "auto":
+        return info_device.type
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
+    if name not in ("cuda", "cpu"):
+        raise ValueError(f"device={name!r} is invalid: choose auto, cuda or cpu")
+    return name
+
+
+def run(cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool = False) -> dict[str, Any]:
+    """Start a new run in ``opts.run_dir`` and train; returns the summary."""
+    run_dir = Path(opts.run_dir)
+    if ckpt.list_checkpoints(run_dir) and not overwrite:
+        raise FileExistsError(f"{run_dir} already holds checkpoints; resume it with --resume {run_dir} "
+                              "or start over with --overwrite")
+    return _train(cfg, opts, resume_from=None, overwrite=overwrite)
+
+
+def resume(run_dir: str | Path, **overrides: Any) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest checkpoint (mid-epoch)."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "run.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} is missing: {run_dir} is not an fdino run folder")
+    meta = json.loads(meta_path.read_text())
+    bad = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
+    if bad:
+        raise ValueError(f"cannot change {bad} when resuming (they change what is computed); allowed: "
+                         f"{list(RESUMABLE_OVERRIDES)}")
+    opts = TrainOptions(**{**meta["options"], **overrides, "run_dir": str(run_dir)})
+    cfg = DinoConfig.from_dict(meta["config"])
+    return _train(cfg, opts, resume_from=ckpt.resolve_checkpoint(run_dir))
+
+
+def _train(cfg: DinoConfig, opts: TrainOptions, *, resume_from: Path | None, overwrite: bool = False) -> dict[str, Any]:
+    info = init_from_env(None if opts.device == "auto" else opts.device)
+    try:
+        return _train_process(cfg, opts, info, resume_from, overwrite)
+    finally:
+        shutdown()
+
+
+def _train_process(cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_from: Path | None,
+                   overwrite: bool) -> dict[str, Any]:
+    from .data import build_dataset, multicrop_loader
+
+    device = torch.device(_resolve_device(opts.device, info.device))
+    if device.type == "cuda" and info.enabled:
+        device = info.device
+    if opts.deterministic:
+        torch.use_deterministic_algorithms(True)
+    run_dir = Path(opts.run_dir)
+
+    # --- input ---------------------------------------------------------------------------------------
+    train_src = build_dataset(opts.data, root=opts.data_root, split="train", download=opts.download,
+                              image_size=cfg.global_crop_size)
+    loader = multicrop_loader(cfg, train_src.dataset, num_workers=opts.workers, rank=info.rank,
+                              world_size=info.world_size)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch < 1:
+        raise ValueError(f"{opts.data} has {len(train_src)} images, fewer than one batch of {cfg.batch_size}; "
+                         "lower --batch-size")
+    cfg = cfg.replace(steps_per_epoch=steps_per_epoch)
+
+    # --- state ---------------------------------------------------------------------------------------
+    if resume_from is None:
+        state, loop = init_state(cfg, device=device), {"step": 0, "elapsed": 0.0, "images": 0, "history": []}
+    else:
+        state, loop = ckpt.load_checkpoint(resume_from, device=device)
+        if state.cfg != cfg:
+            raise ValueError(f"{resume_from} was written with another config than {run_dir / 'run.json'}")
+        if int(state.step) != loop["step"]:
+            raise ValueError(f"{resume_from} is inconsistent: state.step={int(state.step)} but loop step={loop['step']}")
+    reducer = None
+    if info.enabled:
+        broadcast_state_(state)
+        # Different stochastic-depth draws per worker; rank 0 keeps the saved stream.
+        state.rng[0] += info.rank * 1_000_003
+        reducer = mean_reducer()
+    step_fn = train_step if opts.compile else train_step_eager
+
+    # --- outputs (rank 0 only) -----------------------------------------------------------------------
+    log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=opts.tensorboard, purge_step=loop["step"])
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from is None:
+            if overwrite:
+                for old in ckpt.list_checkpoints(run_dir):
+                    old.unlink()
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            meta = {"config": cfg.to_dict(), "options": opts.to_dict()}
+            (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    evals = EvalSets.build(opts, cfg, device) if info.is_main else None
+
+    # --- evaluation at initialization ----------------------------------------------------------------
+    if evals is not None and evals.labeled and "knn_init" not in loop:
+        loop["knn_init"] = evaluate_knn(evals, state)
+        loop["knn_raw_pixels"] = evals.raw_pixel_knn()
+        loop["history"].append({"step": 0, "knn_top1": loop["knn_init"]})
+
+    # --- loop ----------------------------------------------------------------------------------------
+    total = cfg.total_steps if opts.max_steps <= 0 else min(opts.max_steps, cfg.total_steps)
+    step = loop["step"]
+    epoch, start_batch = divmod(step, steps_per_epoch)
+    started = time.perf_counter()
+    timing = {"first_step_s": None, "steady_start": None, "steady_steps": 0}
+    bar = _progress_bar(total, step, enabled=opts.progress and info.is_main)
+    last_values: dict[str, float] = {}
+    try:
+        while step < total:
+            for crops, _labels in loader.epoch(epoch, start_batch):
+                crops = [c.to(device, non_blocking=True) for c in crops]
+                t_step = time.perf_counter()
+                state, metrics = step_fn(state, crops, reducer=reducer, world_size=info.world_size)
+                step += 1
+                loop["images"] += cfg.batch_size
+                if timing["first_step_s"] is None:
+                    float(metrics["loss"])  # the first step includes compilation: time it alone
+                    timing["first_step_s"] = time.perf_counter() - t_step
+                    timing["steady_start"] = time.perf_counter()
+                else:
+                    timing["steady_steps"] += 1
+                bar.update(1)
+                if step % opts.log_every == 0 or step == total:
+                    last_values = _read_metrics(metrics, step, run_dir, info)
+                    log.write(step, epoch, last_values, images_per_s=_rate(timing, cfg.batch_size))
+                    bar.set_postfix(loss=f"{last_values['loss']:.3f}", lr=f"{last_values['lr']:.2e}",
+                                    T_t=f"{last_values['teacher_temp']:.3f}",
+                                    img_s=f"{_rate(timing, cfg.batch_size):.0f}", refresh=False)
+                    _check_collapse(last_values, cfg, loop, log, bar)
+                if evals is not None and evals.labeled and opts.eval_every and step % opts.eval_every == 0:
+                    top1 = evaluate_knn(evals, state)
+                    loop["history"].append({"step": step, "knn_top1": top1})
+                    log.scalar("knn/top1", top1, step)
+                    bar.write(f"step {step}: teacher {opts.knn_k}-NN top-1 {top1:.2f}%")
+                out_of_time = opts.max_minutes > 0 and (time.perf_counter() - started) > 60 * opts.max_minutes
+                if step % opts.ckpt_every == 0 or step == total or out_of_time:
+                    _save(run_dir, state, metrics, loop, step, epoch, steps_per_epoch, started, info, opts)
+                if step >= total or out_of_time:
+                    break
+            else:
+                epoch, start_batch = epoch + 1, 0
+                continue
+            break
+    finally:
+        bar.close()
+        log.close()
+    loop["elapsed"] = loop.get("elapsed", 0.0) + (time.perf_counter() - started)
+
+    # --- summary -------------------------------------------------------------------------------------
+    if not info.is_main:
+        return {}
+    timing_summary = {"first_step_s": timing["first_step_s"], "steady_images_per_s": _rate(timing, cfg.batch_size)}
+    return finish_report(run_dir, cfg, opts, state, loop, evals, timing_summary, skipped=loader.skipped,
+                         last_metrics=last_values)
+
+
+def _read_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path, info: DistInfo) -> dict[str, float]:
+    values = {k: float(v) for k, v in metrics.items()}  # the loop's only per-log host sync
+    if not math.isfinite(values["loss"]):
+        last = ckpt.list_checkpoints(run_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"non-finite loss ({values['loss']}) at step {step}; stopped, {where}. Likely causes: a learning rate "
+            "too high for this batch size, fp16 overflow (use bf16), or corrupt inputs. Resume from the "
+            "checkpoint with a lower --lr or a longer --warmup-epochs.")
+    return values
+
+
+def _params_finite(state: TrainState) -> bool:
+    norms = torch._foreach_norm(list(state.student.values()) + list(state.teacher.values()))
+    return bool(torch.isfinite(torch.stack(norms)).all() and torch.isfinite(state.center).all())
+
+
+def _save(run_dir: Path, state: TrainState, metrics, loop: dict, step: int, epoch: int, steps_per_epoch: int,
+          started: float, info: DistInfo, opts: TrainOptions) -> None:
+    """Checkpoint on rank 0, only a state whose loss and parameters are finite."""
+    if not info.is_main:
+        return
+    _read_metrics(metrics, step, run_dir, info)
+    if not _params_finite(state):
+        raise NonFiniteLossError(f"parameters became non-finite at step {step}; not saved, previous checkpoints kept")
+    loop = {**loop, "step": step, "elapsed": loop.get("elapsed", 0.0) + (time.perf_counter() - started)}
+    loop["epoch"], loop["batch"] = divmod(step, steps_per_epoch)
+    ckpt.save_checkpoint(run_dir, state, loop, keep=opts.keep_checkpoints)  # rank 0: no RNG offset
+
+
+def _rate(timing: dict, batch_size: int) -> float:
+    if not timing["steady_steps"]:
+        return 0.0
+    return timing["steady_steps"] * batch_size / max(time.perf_counter() - timing["steady_start"], 1e-9)
+
+
+def _check_collapse(values: dict[str, float], cfg: DinoConfig, loop: dict, log: MetricsLog, bar) -> None:
+    message = collapse_report(values, cfg.out_dim)
+    if message and not loop.get("collapse_warning"):
+        loop["collapse_warning"] = message
+        warnings.warn(message, stacklevel=2)
+        bar.write(message)
+        log.event("collapse_warning", message)
+
+
+def _progress_bar(total: int, initial: int, *, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="fdino train")
