@@ -43,6 +43,7 @@ class EvalSets:
     k: int
     device: torch.device
     num_classes: int
+    note: str = ""
 
     @property
     def labeled(self) -> bool:
@@ -55,17 +56,29 @@ class EvalSets:
         backbone = create_backbone(cfg.replace(grad_checkpointing=False), drop_path_rate=0.0).to(device).eval()
         transform = EvalTransform(cfg.global_crop_size)
         memory = query = None
-        num_classes = 0
+        num_classes, note = 0, "no labels: k-NN skipped"
+        build = lambda split: build_dataset(opts.data, root=opts.data_root, split=split,  # noqa: E731
+                                            image_size=cfg.global_crop_size)
         try:
-            mem_src = build_dataset(opts.data, root=opts.data_root, split="memory", image_size=cfg.global_crop_size)
-            query_src = build_dataset(opts.data, root=opts.data_root, split="query", image_size=cfg.global_crop_size)
-        except (ValueError, FileNotFoundError):
-            mem_src = query_src = None  # e.g. a flat folder: nothing labeled to evaluate on
-        if mem_src is not None and _has_labels(mem_src.dataset) and _has_labels(query_src.dataset):
-            memory = _evenly_spaced(mem_src.dataset, opts.eval_samples)
-            query = _evenly_spaced(query_src.dataset, opts.eval_samples // 2 if opts.eval_samples else 0)
-            num_classes = mem_src.num_classes
-        return cls(memory, query, backbone, transform, opts.knn_k, device, num_classes)
+            mem_src = build("memory")
+        except ValueError:
+            mem_src = None  # e.g. a flat folder: nothing labeled to evaluate on
+        if mem_src is not None and _has_labels(mem_src.dataset):
+            try:
+                mem, qry = mem_src.dataset, build("query").dataset
+                note = "memory bank: train split, queries: held-out split"
+            except ValueError:
+                # A labeled folder without val/ or test/: every 5th image becomes a query. Training
+                # still sees every image (without labels), as on ImageNet's train split.
+                idx = range(len(mem_src.dataset))
+                mem = Subset(mem_src.dataset, [i for i in idx if i % 5])
+                qry = Subset(mem_src.dataset, [i for i in idx if not i % 5])
+                note = "labeled folder without a val/ split: every 5th image is a k-NN query"
+            if _has_labels(qry):
+                memory = _evenly_spaced(mem, opts.eval_samples)
+                query = _evenly_spaced(qry, opts.eval_samples // 2 if opts.eval_samples else 0)
+                num_classes = mem_src.num_classes
+        return cls(memory, query, backbone, transform, opts.knn_k, device, num_classes, note)
 
     def features(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         from .eval.features import extract_features
@@ -192,7 +205,8 @@ def finish_report(run_dir: Path, cfg: DinoConfig, opts, state: TrainState, loop:
         if not loop["history"] or loop["history"][-1]["step"] != int(state.step):
             loop["history"].append({"step": int(state.step), "knn_top1": final})
         summary.update(knn_k=opts.knn_k, knn_top1_teacher=final, knn_top1_init=loop.get("knn_init"),
-                       knn_top1_raw_pixels=loop.get("knn_raw_pixels"), knn_eval_images=len(evals.query))
+                       knn_top1_raw_pixels=loop.get("knn_raw_pixels"), knn_eval_images=len(evals.query),
+                       knn_split=evals.note)
     summary["curves"] = str(save_curves(run_dir, loop["history"], read_metrics(run_dir)))
     attention = save_attention(run_dir, evals, state, opts.attention_images)
     summary["attention"] = str(attention) if attention else None
