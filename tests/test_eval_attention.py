@@ -1,0 +1,113 @@
+"""CLS attention maps (fdino.eval.attention): the recomputation from qkv agrees with timm's explicit
+softmax(q k^T / sqrt(d)) path, for fused (SDPA) backbones, registers and qk-norm included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+from fdino.eval import attention_masks, cls_attention, save_attention_grid
+from fdino.eval.render import cell_scale, grid_size
+
+VARIANTS = {
+    "plain": {},
+    "registers+qk_norm": {"reg_tokens": 4, "qk_norm": True},
+    "no_embed_class+registers": {"no_embed_class": True, "reg_tokens": 2, "class_token": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: thread hand-offs dominate, and on a busy 2-core machine they cost ~100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def tiny_vit(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
+                             patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2, **kwargs).eval()
+
+
+def explicit_attention(vit: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Run the last block with fused attention off and read the softmax it materializes.
+
+    timm's non-fused path computes softmax(q k^T * scale) and passes it through ``attn_drop``
+    (identity in eval mode), so a hook there sees the full ``[B, heads, T, T]`` matrix.
+    """
+    attn = vit.blocks[-1].attn
+    seen = {}
+    handle = attn.attn_drop.register_forward_hook(lambda m, i, o: seen.__setitem__("p", o.detach()))
+    fused = attn.fused_attn
+    attn.fused_attn = False
+    try:
+        with torch.no_grad():
+            vit.forward_features(images)
+    finally:
+        attn.fused_attn = fused
+        handle.remove()
+    row = seen["p"][:, :, 0, vit.num_prefix_tokens:]       # CLS query, patch keys
+    return row / row.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cls_attention_matches_the_explicit_softmax(variant):
+    vit = tiny_vit(**VARIANTS[variant])
+    assert vit.blocks[-1].attn.fused_attn, "the point is to read maps out of an SDPA backbone"
+    images = torch.randn(3, 3, 16, 20)                     # non-square: 4 x 5 patches
+    maps = cls_attention(vit, images)
+    assert maps.shape == (3, 2, 4, 5) and maps.dtype == torch.float32
+    torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(3, 2))
+    assert (maps >= 0).all()
+    torch.testing.assert_close(maps.flatten(2), explicit_attention(vit, images), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_is_not_uniform_and_depends_on_the_image():
+    vit = tiny_vit()
+    a, b = cls_attention(vit, torch.randn(1, 3, 16, 16)), cls_attention(vit, torch.randn(1, 3, 16, 16))
+    assert not torch.allclose(a, b)
+    assert a.std() > 0
+
+
+def test_non_vit_and_cls_free_backbones_are_refused():
+    with pytest.raises(ValueError, match="ViT"):
+        cls_attention(timm.create_model("resnet18", num_classes=0), torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="CLS"):
+        cls_attention(tiny_vit(class_token=False, global_pool="avg"), torch.randn(1, 3, 16, 16))
+
+
+@given(h=st.integers(1, 6), w=st.integers(1, 6), heads=st.integers(1, 3), mass=st.floats(0.05, 1.0),
+       seed=st.integers(0, 2**16))
+def test_masks_keep_the_fewest_largest_patches_reaching_the_mass(h, w, heads, mass, seed):
+    g = torch.Generator().manual_seed(seed)
+    att = torch.rand(heads, h, w, generator=g, dtype=torch.float64) ** 3
+    att = att / att.sum(dim=(-2, -1), keepdim=True)
+    masks = attention_masks(att, mass)
+    assert masks.shape == att.shape and masks.dtype == torch.bool
+    for a, m in zip(att.flatten(1), masks.flatten(1)):
+        kept = a[m]
+        assert kept.sum() >= mass - 1e-9                                   # holds the mass
+        assert kept.sum() - kept.min() < mass + 1e-9                       # and no kept patch is spare
+        if (~m).any():
+            assert a[~m].max() <= kept.min() + 1e-12                       # the largest patches are kept
+
+
+def test_attention_grid_png_has_the_documented_size_and_content(tmp_path):
+    vit = tiny_vit()
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    images = torch.randn(2, 3, 16, 16)
+    path = save_attention_grid(vit, images, tmp_path / "sub" / "attn.png", mean=mean, std=std)
+    pixels = np.asarray(Image.open(path))
+    cell = 16 * cell_scale(16)
+    heads = 2
+    assert pixels.shape == (*grid_size(1 + 2 * heads, 2, cell), 3)   # rows: image, heat maps, masks
+    assert pixels.astype(np.float64).var() > 0
+    assert pixels[2:2 + cell, 2:2 + cell].astype(np.float64).var() > 0    # the image cell is not blank
