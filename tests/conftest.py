@@ -39,3 +39,12 @@ def _seeded_rng():
     torch.manual_seed(0)
     yield
 
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors: thread hand-offs dominate their cost, and on
+    a busy 2-core machine they cost ~100x. Opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,13 +20,7 @@ from fdino.eval.cli import register
 from fdino.eval.render import cell_scale, grid_size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs dominate, and on a busy 2-core machine they cost ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parser() -> argparse.ArgumentParser:

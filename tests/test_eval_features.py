@@ -17,13 +17,7 @@ from fdino.eval import (backbone_from_state, batch_features, extract_features, l
 TINY = dict(patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs dominate, and on a busy 2-core machine they cost ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

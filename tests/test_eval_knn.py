@@ -13,13 +13,7 @@ from fdino.eval import center_features, knn_classify, knn_topk, knn_vote, raw_pi
 from fdino.eval.knn import topk_accuracy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs dominate, and on a busy 2-core machine they cost ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

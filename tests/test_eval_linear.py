@@ -16,13 +16,7 @@ from fdino.eval import linear_eval_images, linear_probe, train_linear_probe
 from fdino.eval.linear import cosine_lr, random_resized_crop_box
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs dominate, and on a busy 2-core machine they cost ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -18,13 +18,7 @@ from fdino.eval.render import CAPTION, cell_scale, grid_size
 from fdino.eval.tsne import conditional_affinities, squared_distances
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread hand-offs dominate, and on a busy 2-core machine they cost ~100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit() -> torch.nn.Module:
