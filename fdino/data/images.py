@@ -1,0 +1,86 @@
+"""Decoding image files into RGB, and the error raised for files that cannot be decoded.
+
+`load_rgb` decodes eagerly (``Image.load``), so a corrupt or truncated file fails here, where the
+loader can skip it, and not later inside an augmentation. `to_rgb` converts every PIL mode to
+8-bit RGB *correctly*: PIL's own ``convert("RGB")`` saturates 16-bit images (anything above 255
+becomes white) and drops alpha without compositing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_BACKGROUND = (255, 255, 255)  # transparent pixels are shown over white, as image viewers do
+
+
+class BadImageError(Exception):
+    """A file that could not be decoded as an image; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(f"cannot load image {os.fspath(path)!r}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+    def __reduce__(self):  # picklable, so it can cross from a DataLoader worker to the main process
+        return (type(self), (self.path, self.reason))
+
+
+def has_image_extension(name: str) -> bool:
+    """True for file names ending in one of `IMAGE_EXTENSIONS` (case-insensitive)."""
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """Modes I;16*, I (32-bit int) and F (float) -> RGB, rescaling instead of clipping."""
+    a = np.asarray(image)
+    if image.mode == "F":
+        a = a.astype(np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        # Floats in [0, 1] are intensities; anything larger is taken to be on the 8-bit scale.
+        a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        out = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    else:
+        a = a.astype(np.int64)
+        # I;16 is 16-bit by definition; mode I (PNG/TIFF 16-bit in some decoders) is treated as
+        # 16-bit when it uses values above 255, as 8-bit otherwise.
+        if image.mode.startswith("I;16") or (a.size and a.max() > 255):
+            out = ((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        else:
+            out = np.clip(a, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(out[..., None], 3, axis=2), mode="RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB: alpha composited over white, 16-bit rescaled, palettes expanded."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "F") or mode.startswith("I;"):
+        return _high_bit_depth_to_rgb(image)
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P (opaque), CMYK, YCbCr, LAB, HSV
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode the file at ``path`` to an RGB PIL image, or raise `BadImageError` saying why."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImageError(path, "empty file (zero bytes)")
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated data raises here (LOAD_TRUNCATED_IMAGES stays off)
+            return to_rgb(image)
+    except BadImageError:
+        raise
+    except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
+        raise BadImageError(path, f"{type(e).__name__}: {e}") from e
+
+
+__all__ = ["IMAGE_EXTENSIONS", "BadImageError", "has_image_extension", "to_rgb", "load_rgb"]

@@ -1,0 +1,179 @@
+"""`build_dataset`: one entry point from a name or a folder to a labeled map-style data set.
+
+Names: "shapes10" (built in, the default), "cifar10", "cifar100", "stl10", "fashion-mnist"; any
+other string is a folder path (`fdino.data.folder`). Every source gives a `DataSource` whose
+``dataset[i]`` is ``(image, label)`` with label -1 when unknown; images are uint8 ``[3, H, W]``
+tensors (in-memory sets) or RGB PIL images (folders).
+
+Splits by *role*, so the training loop never needs to know a data set's split names:
+  "train"  - what self-supervised training reads (STL-10: its train + 100k unlabeled images),
+  "memory" - the labeled k-NN memory bank / linear-probe train split,
+  "query"  - the labeled k-NN queries / evaluation split.
+A data set's own split names ("test", "unlabeled", "train+unlabeled", "val") work as well.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .arrays import ArrayDataset
+from .folder import ImageFolder, scan_image_folder, split_subfolders
+from .idx import DEBIAN_FASHION_MNIST_DIR, find_idx_pair, idx_dataset
+from .shapes import shapes10
+
+ROLES = ("train", "memory", "query")
+_ROLE_SPLITS = {
+    "shapes10": {"train": "train", "memory": "train", "query": "test"},
+    "cifar10": {"train": "train", "memory": "train", "query": "test"},
+    "cifar100": {"train": "train", "memory": "train", "query": "test"},
+    "fashion-mnist": {"train": "train", "memory": "train", "query": "test"},
+    "stl10": {"train": "train+unlabeled", "memory": "train", "query": "test"},
+}
+_SPLITS = {"stl10": ("train", "train+unlabeled", "unlabeled", "test")}
+_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "stl-10": "stl10", "fashion_mnist": "fashion-mnist",
+            "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "shapes": "shapes10"}
+DATASET_NAMES = tuple(_ROLE_SPLITS)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A loaded split: ``dataset[i] -> (image, label)``, the class names, and what was loaded."""
+
+    dataset: Dataset
+    classes: tuple[str, ...]
+    name: str
+    split: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def default_root() -> str:
+    """Where torchvision data sets live unless ``root=`` says otherwise: $FDINO_DATA or ~/.cache/fdino."""
+    return os.environ.get("FDINO_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "fdino")
+
+
+def canonical_name(name_or_path: str) -> str | None:
+    """The built-in name that ``name_or_path`` denotes (case and aliases folded), else None."""
+    key = name_or_path.strip().lower()
+    key = _ALIASES.get(key, key)
+    return key if key in _ROLE_SPLITS else None
+
+
+def resolve_split(name: str, split: str) -> str:
+    """A role ("train", "memory", "query") or a concrete split name -> the concrete split name."""
+    if split in ROLES:
+        return _ROLE_SPLITS[name][split]
+    allowed = _SPLITS.get(name, ("train", "test"))
+    if split not in allowed:
+        raise ValueError(f"split={split!r} is invalid for {name}: allowed one of {ROLES + allowed}")
+    return split
+
+
+def build_dataset(name_or_path: str | os.PathLike = "shapes10", *, root: str | os.PathLike | None = None,
+                  split: str = "train", download: bool = False, seed: int = 0, image_size: int = 32,
+                  n: int | None = None) -> DataSource:
+    """Resolve a data set by name or folder path and load one split.
+
+    Args:
+        name_or_path: a name from `DATASET_NAMES` (aliases such as "cifar-10" accepted) or a folder.
+        root: where torchvision data sets are (or go, with ``download=True``); for
+            "fashion-mnist" also a folder with the four IDX files. Default `default_root()`.
+        split: a role ("train", "memory", "query") or a data set's own split name.
+        download: let torchvision fetch a missing data set (needs a network).
+        seed, image_size, n: shapes10 only: generator seed, side in pixels, number of images.
+    """
+    key = canonical_name(os.fspath(name_or_path))
+    if key is None:
+        return _folder_source(os.fspath(name_or_path), split)
+    concrete = resolve_split(key, split)
+    if key == "shapes10":
+        ds = shapes10(concrete, n=n, size=image_size, seed=seed)
+    elif key == "fashion-mnist":
+        ds = _fashion_mnist(root, concrete, download)
+    else:
+        ds = _torchvision(key, os.fspath(root) if root is not None else default_root(), concrete, download)
+    return DataSource(ds, ds.classes, key, concrete)
+
+
+# --- folders ------------------------------------------------------------------------------------------
+def _folder_source(path: str, split: str) -> DataSource:
+    """A folder, or a folder with train/ and val/ or test/ subfolders (ImageNet layout)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is neither a known data set {DATASET_NAMES} nor an existing folder")
+    splits = split_subfolders(path)
+    if "train" in splits:
+        # Class indices come from train/ so that every split agrees on them.
+        classes = scan_image_folder(splits["train"])[2]
+        eval_split = "val" if "val" in splits else "test" if "test" in splits else None
+        concrete = {"train": "train", "memory": "train", "query": eval_split}.get(split, split)
+        if concrete is None or concrete not in splits:
+            raise ValueError(f"split={split!r} is not available in {path!r}: it has the split folders "
+                             f"{sorted(splits)}")
+        ds = ImageFolder(splits[concrete], classes=classes)
+    else:
+        if split == "query":
+            raise ValueError(f"{path!r} has no val/ or test/ subfolder, so there is no query split for "
+                             f"k-NN evaluation (use train/ and val/ subfolders)")
+        if split not in ("train", "memory"):
+            raise ValueError(f"split={split!r} is invalid for the plain folder {path!r}: allowed 'train', 'memory'")
+        concrete = "all"
+        ds = ImageFolder(path)
+        if split == "memory" and not ds.classes:
+            raise ValueError(f"{path!r} has no class subfolders, so it cannot serve as a labeled memory bank")
+    return DataSource(ds, ds.classes, path, concrete)
+
+
+# --- torchvision data sets -----------------------------------------------------------------------------
+def _torchvision(name: str, root: str, split: str, download: bool) -> ArrayDataset:
+    """CIFAR-10/100 or STL-10 through torchvision, kept as uint8 arrays (no per-item PIL)."""
+    from torchvision import datasets  # noqa: PLC0415  (import cost only for users of these sets)
+
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            ds = cls(root, train=split == "train", download=download)
+            images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)  # [N, 32, 32, 3] -> [N, 3, 32, 32] view
+            return ArrayDataset(images, ds.targets, ds.classes)
+        ds = datasets.STL10(root, split=split, download=download)
+        # [N, 3, 96, 96] strided view of torchvision's array: no 2.7 GB copy for the unlabeled split
+        labels = ds.labels if ds.labels is not None else np.full(len(ds.data), -1)
+        return ArrayDataset(torch.from_numpy(ds.data), labels, tuple(getattr(ds, "classes", ())))
+    except RuntimeError as e:
+        if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+            hint = "" if download else "; pass download=True (needs a network) to fetch it"
+            raise FileNotFoundError(f"{name} not found or corrupted under root={root!r}{hint}") from e
+        raise
+
+
+def _fashion_mnist(root: str | os.PathLike | None, split: str, download: bool) -> ArrayDataset:
+    """IDX files in ``root`` itself, torchvision's ``root/FashionMNIST/raw`` layout, or (root unset)
+    the Debian package's directory; otherwise torchvision (downloading when asked)."""
+    from torchvision import datasets  # noqa: PLC0415
+
+    if root is not None and find_idx_pair(root, split) is not None:
+        return idx_dataset(root, split)
+    if root is None and not download and find_idx_pair(DEBIAN_FASHION_MNIST_DIR, split) is not None:
+        return idx_dataset(DEBIAN_FASHION_MNIST_DIR, split)
+    tv_root = os.fspath(root) if root is not None else default_root()
+    try:
+        ds = datasets.FashionMNIST(tv_root, train=split == "train", download=download)
+    except RuntimeError as e:
+        hint = "" if download else ("; pass download=True (needs a network), or install the Debian package "
+                                    f"dataset-fashion-mnist ({DEBIAN_FASHION_MNIST_DIR})")
+        raise FileNotFoundError(f"fashion-mnist not found under root={tv_root!r}{hint}") from e
+    return ArrayDataset(ds.data, ds.targets, tuple(ds.classes))
+
+
+__all__ = ["DataSource", "build_dataset", "resolve_split", "canonical_name", "default_root", "ROLES",
+           "DATASET_NAMES"]
