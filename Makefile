@@ -4,13 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fdino-installed
-EXTRAS ?= test
+EXTRAS ?= test,export,serve
 
-.PHONY: setup demo test test-data bench clean
+.PHONY: setup demo test test-system-deps bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=23.1"
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
@@ -20,15 +19,23 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fdino train --preset small32 --data shapes10 --run-dir runs/demo --overwrite
 
-# Real data for the evaluation tests: Debian's Fashion-MNIST package (only where apt and root exist;
-# the tests that need it say so when it is missing).
-test-data:
-	@if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null)) \
-		|| echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip"; \
+# System packages some tests use: Debian's Fashion-MNIST (real data for the evaluation tests) and
+# Chromium + ChromeDriver (the search page in a real browser). Installed only where apt and root
+# exist; the tests that need them skip with the reason when they are missing.
+SYSTEM_PACKAGES := dataset-fashion-mnist chromium chromium-driver
+test-system-deps:
+	@missing=""; \
+	[ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || missing="$$missing dataset-fashion-mnist"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing system packages:$$missing"; \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null)) \
+		|| echo "note: could not install$$missing; the tests that need them will skip"; \
 	fi
 
-test: $(STAMP) test-data
+test: $(STAMP) test-system-deps
 	$(PY) -m pytest -q
 
 # GPU benchmarks (skip cleanly without CUDA); results land in bench/results/.

@@ -117,7 +117,8 @@ def is_vit(module: nn.Module) -> bool:
     return hasattr(module, "patch_embed") and hasattr(module, "blocks")
 
 
-def _backbone_kwargs(cfg: DinoConfig, *, drop_path_rate: float, vit: bool) -> dict:
+def timm_kwargs(cfg: DinoConfig, *, drop_path_rate: float, vit: bool) -> dict:
+    """The keyword arguments `create_backbone` passes to `timm.create_model` for this config."""
     kwargs = dict(cfg.backbone_kwargs)
     kwargs["num_classes"] = 0
     if drop_path_rate > 0:
@@ -144,7 +145,7 @@ def create_backbone(cfg: DinoConfig, *, drop_path_rate: float | None = None) -> 
     vit = is_vit(probe)
     if not vit and (cfg.patch_size is not None):
         raise ValueError(f"DinoConfig.patch_size is set but arch={cfg.arch!r} is not a ViT; unset it")
-    backbone = timm.create_model(cfg.arch, pretrained=False, **_backbone_kwargs(cfg, drop_path_rate=rate, vit=vit))
+    backbone = timm.create_model(cfg.arch, pretrained=False, **timm_kwargs(cfg, drop_path_rate=rate, vit=vit))
     if cfg.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return backbone

@@ -58,11 +58,16 @@ def _is_fdino_checkpoint(path: Path) -> bool:
 
 
 def _torch_load(path: Path) -> Any:
+    # Official DINO training checkpoints keep their argparse.Namespace under "args"; that one
+    # class is allow-listed, everything else still goes through weights_only loading.
+    from ..export.official import SAFE_GLOBALS
+
     try:
-        try:  # mmap: peeking at a multi-GB file costs no memory and almost no time
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            try:  # mmap: peeking at a multi-GB file costs no memory and almost no time
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path} holds pickled Python objects (e.g. a whole nn.Module), which are not loaded "
                          f"for safety; save its state_dict() instead") from err

@@ -1,0 +1,234 @@
+"""``fdino export`` and ``fdino quantize``: argparse wiring (the lead's `fdino.cli` calls `register`).
+
+Each command is ``func(args) -> int`` (0 success, 1 a check failed, 2 bad input); all printing
+happens here, the library functions return values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("safetensors", "onnx")
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="fdino run folder or ckpt-*.pt; an fdino .safetensors export; or pretrained "
+                                  "weights (.pth/.pt/.safetensors, official DINO checkpoints included) with --arch")
+    p.add_argument("--arch", default=None, help="timm model name for plain/official weights, e.g. "
+                                                "vit_small_patch16_224, vit_base_patch16_224, resnet50 (official "
+                                                "checkpoints: inferred when omitted)")
+    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                   help="network of a training checkpoint to use (default: teacher, the one the paper evaluates)")
+
+
+def _add_knn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="shapes10", help="data set for the k-NN comparison: a built-in name or an "
+                                                      "image folder (default: shapes10, the built-in 32 px set)")
+    p.add_argument("--n-memory", type=int, default=None, help="use the first N memory-bank (train) images "
+                                                              "(default: all; bound it for large models on a CPU)")
+    p.add_argument("--n-query", type=int, default=None, help="use the first N query (test) images (default: all)")
+    p.add_argument("--k", type=int, default=20, help="neighbours of the weighted k-NN vote (default: 20, as the paper)")
+    p.add_argument("--bench-batch", type=int, default=64, help="images per timed forward (default: 64)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime alike "
+                                                             "(default: PyTorch's current setting)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export`` and ``quantize`` subcommands."""
+    p = subparsers.add_parser(
+        "export", help="export the backbone to safetensors (+ JSON config) and ONNX, verified with onnxruntime",
+        description="Export a trained backbone (the teacher by default) to safetensors with its config in the "
+                    "metadata and a sidecar .json, and to ONNX (dynamic batch; dynamic image size for CNNs and "
+                    "ViTs built with dynamic_img_size). The ONNX model is run with onnxruntime on the CPU and its "
+                    "features compared with PyTorch (cosine >= 0.9999 or the command fails). --int8 also writes "
+                    "a dynamically quantized int8 ONNX model and measures its k-NN top-1 change and speed-up.")
+    _add_source_args(p)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: RUN_DIR/export for run folders, else SOURCE_STEM-export beside it)")
+    p.add_argument("--formats", default="safetensors,onnx",
+                   help="comma-separated subset of safetensors,onnx (default: both)")
+    p.add_argument("--image-size", type=int, default=None, help="example/fixed input side (default: the model's "
+                                                                "evaluation size)")
+    p.add_argument("--fixed-size", action="store_true", help="fix H and W in the ONNX graph (batch stays dynamic)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's choice)")
+    p.add_argument("--int8", action="store_true", help="also write backbone.int8.onnx (onnxruntime dynamic int8) "
+                                                       "and print its k-NN top-1 change and speed-up")
+    _add_knn_args(p)
+    p.set_defaults(func=run_export)
+
+    q = subparsers.add_parser(
+        "quantize", help="dynamic int8 quantization for CPU inference: k-NN top-1 change and speed-up",
+        description="Quantize the Linear layers to int8 (dynamic quantization: int8 weights, activations "
+                    "quantized at run time) and compare with fp32 on a data set: weighted k-NN top-1 and the "
+                    "time of one forward. Backends: onnxruntime (quantizes the ONNX export; the one to deploy) "
+                    "and torch (torch.ao.quantization.quantize_dynamic, deprecated in PyTorch but working).")
+    _add_source_args(q)
+    q.add_argument("--backend", choices=("onnxruntime", "torch", "both"), default="both",
+                   help="quantization backend(s) to measure (default: both)")
+    q.add_argument("--out", type=Path, default=None, help="folder for the fp32 and int8 ONNX files (default: a "
+                                                          "temporary folder, deleted afterwards)")
+    _add_knn_args(q)
+    q.set_defaults(func=run_quantize)
+
+
+def _default_out(source: Path) -> Path:
+    return source / "export" if source.is_dir() else source.with_name(source.stem + "-export")
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _missing_extras() -> list[str]:
+    """Packages of the ``export`` extras that are not installed."""
+    import importlib.util  # noqa: PLC0415
+
+    return [name for name in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
+
+
+def _extras_error() -> int | None:
+    missing = _missing_extras()
+    if missing:
+        return _err(f"ONNX export needs the 'export' extras (missing: {', '.join(missing)}): pip install 'fdino[export]'")
+    return None
+
+
+def _load(args: argparse.Namespace):
+    from .sources import load_source  # noqa: PLC0415
+
+    return load_source(args.source, arch=args.arch, which=args.which)
+
+
+def _knn_data(args: argparse.Namespace, loaded) -> tuple[Any, Any, Any]:
+    """``(memory, query, transform)`` for the k-NN comparison."""
+    from torch.utils.data import Subset  # noqa: PLC0415
+
+    from ..data import EvalTransform, build_dataset  # noqa: PLC0415
+    from ..data.sources import canonical_name  # noqa: PLC0415
+
+    out = []
+    for role, n in (("memory", args.n_memory), ("query", args.n_query)):
+        if canonical_name(str(args.data)) == "shapes10":
+            ds = build_dataset(args.data, split=role, n=n).dataset  # generated: only what is asked for
+        else:
+            ds = build_dataset(args.data, split=role).dataset
+            ds = Subset(ds, range(min(n, len(ds)))) if n else ds
+        out.append(ds)
+    m = loaded.model
+    return out[0], out[1], EvalTransform(m.image_size, mean=m.mean, std=m.std)
+
+
+def _set_threads(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
+
+
+def _export_and_check(loaded, out: Path, threads: int, *, image_size: int | None = None, dynamic: bool = True,
+                      opset: int | None = None):
+    """Write ``backbone.onnx``, compare with PyTorch, print the result; ``(path, check, onnx model)``."""
+    from .onnx_export import OnnxBackbone, check_shapes, compare_onnx, export_onnx, onnx_session  # noqa: PLC0415
+
+    m = loaded.model
+    size = image_size or m.image_size
+    path = export_onnx(m.backbone, out / "backbone.onnx", image_size=size, dynamic_size=dynamic, opset=opset)
+    onnx_model = OnnxBackbone(onnx_session(path, threads=threads), m.backbone.num_features)
+    check = compare_onnx(m.backbone, onnx_model, check_shapes(m.backbone, size, dynamic))
+    verdict = "ok" if check.ok else "FAILED"
+    print(f"onnx: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    print(f"onnx check (onnxruntime CPU vs PyTorch, inputs {', '.join('x'.join(map(str, s)) for s in check.shapes)}): "
+          f"min cosine {check.min_cosine:.7f} (>= 0.9999: {verdict}), max |diff| {check.max_abs_diff:.2e}")
+    return path, check, onnx_model
+
+
+def run_export(args: argparse.Namespace) -> int:
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        return _err(f"--formats {args.formats!r}: allowed a comma-separated subset of {','.join(FORMATS)}")
+    if args.int8 and "onnx" not in formats:
+        return _err("--int8 quantizes the ONNX export; add onnx to --formats")
+    if "onnx" in formats and (code := _extras_error()) is not None:
+        return code
+    try:
+        loaded = _load(args)
+    except (FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    threads = _set_threads(args)
+    out = args.out or _default_out(Path(args.source))
+    out.mkdir(parents=True, exist_ok=True)
+    info = loaded.info
+    print(f"model: {info.arch} ({info.which}), feature dim {info.feature_dim}, input {info.image_size} px")
+    if "safetensors" in formats:
+        from .weights import export_safetensors  # noqa: PLC0415
+
+        st, sidecar = export_safetensors(loaded.model.backbone, out / "backbone.safetensors", info)
+        print(f"safetensors: {st} ({st.stat().st_size / 1e6:.2f} MB), config: {sidecar}")
+    status = 0
+    if "onnx" in formats:
+        path, check, onnx_fp32 = _export_and_check(loaded, out, threads, image_size=args.image_size,
+                                                   dynamic=not args.fixed_size, opset=args.opset)
+        status = 0 if check.ok else 1
+        if args.int8:
+            status = max(status, _int8_onnxruntime(loaded, path, onnx_fp32, args, threads))
+    return status
+
+
+def _int8_onnxruntime(loaded, fp32_path: Path, onnx_fp32, args: argparse.Namespace, threads: int) -> int:
+    from .onnx_export import OnnxBackbone, onnx_session, quantize_onnx  # noqa: PLC0415
+    from .quantize import compare_int8  # noqa: PLC0415
+
+    int8_path = quantize_onnx(fp32_path, fp32_path.with_name("backbone.int8.onnx"))
+    print(f"int8 onnx: {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB)")
+    onnx_int8 = OnnxBackbone(onnx_session(int8_path, threads=threads), loaded.model.backbone.num_features)
+    memory, query, transform = _knn_data(args, loaded)
+    report = compare_int8(onnx_fp32, onnx_int8, memory, query, transform=transform, backend="onnxruntime",
+                          k=args.k, bench_batch=args.bench_batch)
+    print(f"{report.summary()} [{args.data}: {len(memory)} memory / {len(query)} query images, {threads} thread{'s' if threads != 1 else ''}]")
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    if args.backend in ("onnxruntime", "both") and (code := _extras_error()) is not None:
+        return code
+    try:
+        loaded = _load(args)
+    except (FileNotFoundError, ValueError) as e:
+        return _err(str(e))
+    threads = _set_threads(args)
+    backends = ("onnxruntime", "torch") if args.backend == "both" else (args.backend,)
+    print(f"model: {loaded.info.arch} ({loaded.info.which}), input {loaded.info.image_size} px; "
+          f"{args.data}, {threads} thread{'s' if threads != 1 else ''}")
+    status = 0
+    if "onnxruntime" in backends:
+        with tempfile.TemporaryDirectory(prefix="fdino-quantize-") as tmp:
+            out = args.out or Path(tmp)
+            out.mkdir(parents=True, exist_ok=True)
+            path, check, onnx_fp32 = _export_and_check(loaded, out, threads)
+            status = 0 if check.ok else 1
+            status = max(status, _int8_onnxruntime(loaded, path, onnx_fp32, args, threads))
+    if "torch" in backends:
+        from .quantize import compare_int8, quantize_torch  # noqa: PLC0415
+
+        backbone = loaded.model.backbone.cpu()
+        try:
+            int8 = quantize_torch(backbone)
+        except RuntimeError as e:
+            print(f"torch int8: unavailable: {e}", file=sys.stderr)
+            return 1
+        print("torch int8: torch.ao.quantization.quantize_dynamic (deprecated upstream; use onnxruntime to deploy)")
+        memory, query, transform = _knn_data(args, loaded)
+        report = compare_int8(backbone, int8, memory, query, transform=transform, backend="torch", k=args.k,
+                              bench_batch=args.bench_batch)
+        print(f"{report.summary()} [{len(memory)} memory / {len(query)} query images]")
+    return status
+
+
+__all__ = ["register", "run_export", "run_quantize"]

@@ -1,0 +1,108 @@
+"""Backbone weights as safetensors, with what it takes to rebuild the model stored beside them.
+
+``backbone.safetensors`` holds the backbone's parameters and buffers (timm key names) and, in the
+file's metadata (string -> string), the JSON of `ExportInfo` under ``"fdino"``. The same JSON
+is written to a sidecar ``backbone.json`` for people and tools that do not read safetensors
+headers. `load_exported` rebuilds the timm module from that alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "fdino-backbone-v1"
+METADATA_KEY = "fdino"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportInfo:
+    """How to rebuild and feed an exported backbone."""
+
+    arch: str
+    """timm model name."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for ``timm.create_model(arch, num_classes=0, **model_kwargs)``."""
+    dino_config: dict[str, Any] | None = None
+    """The training `DinoConfig` (``to_dict``) for fdino checkpoints, None for other sources."""
+    which: str = "teacher"
+    """Which network of the checkpoint was exported."""
+    image_size: int = 224
+    """Evaluation resolution (input side in pixels)."""
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Normalization mean of the inputs."""
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Normalization standard deviation of the inputs."""
+    feature_dim: int = 0
+    """Width of the feature the backbone returns."""
+    format: str = FORMAT
+    """File format tag."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExportInfo":
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not an fdino backbone export (format {data.get('format')!r}, expected {FORMAT!r})")
+        for key in ("mean", "std"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+def export_safetensors(backbone: nn.Module, path: str | Path, info: ExportInfo) -> tuple[Path, Path]:
+    """Write ``path`` (.safetensors: weights + metadata) and its sidecar ``.json``; returns both."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Contiguous private copies: safetensors refuses views and tensors sharing storage.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
+    save_file(tensors, str(path), metadata={METADATA_KEY: info.to_json(), "format": FORMAT})
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps(json.loads(info.to_json()), indent=2, sort_keys=True) + "\n")
+    return path, sidecar
+
+
+def read_export_info(path: str | Path) -> ExportInfo | None:
+    """The `ExportInfo` in a safetensors file's metadata, or None for other safetensors files."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return ExportInfo.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
+
+
+def build_from_info(info: ExportInfo) -> nn.Module:
+    """A freshly initialized backbone of the exported architecture (no stochastic depth)."""
+    if info.dino_config is not None:
+        from ..config import DinoConfig  # noqa: PLC0415
+        from ..models import create_backbone  # noqa: PLC0415
+
+        cfg = DinoConfig.from_dict(info.dino_config)
+        return create_backbone(cfg.replace(grad_checkpointing=False), drop_path_rate=0.0)
+    import timm  # noqa: PLC0415
+
+    return timm.create_model(info.arch, pretrained=False, **{**info.model_kwargs, "num_classes": 0})
+
+
+def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportInfo]:
+    """``(backbone in eval mode, info)`` from a file written by `export_safetensors` (strict load)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    info = read_export_info(path)
+    if info is None:
+        raise ValueError(f"{path} has no fdino metadata; load plain weights with "
+                         f"fdino.eval.loading.load_model_for_eval(path, arch=...)")
+    backbone = build_from_info(info)
+    backbone.load_state_dict(load_file(str(path)), strict=True)
+    return backbone.to(device).eval(), info
+
+
+__all__ = ["ExportInfo", "FORMAT", "export_safetensors", "read_export_info", "build_from_info", "load_exported"]

@@ -1,0 +1,89 @@
+"""``fdino serve``: argparse wiring (the lead's `fdino.cli` calls `register`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` subcommand."""
+    p = subparsers.add_parser(
+        "serve", help="HTTP feature service with a search page: embed, search a folder of images, attention maps",
+        description="Serve a frozen backbone over HTTP (FastAPI + uvicorn; pip install 'fdino[serve]'). The images "
+                    "folder is embedded once and cached on disk (keyed on file paths, sizes and modification "
+                    "times; changed files are re-embedded on the next search). Endpoints: GET / (search page), "
+                    "GET /health, POST /embed, POST /search, POST /attention (ViTs), GET /images/PATH. Concurrent "
+                    "requests are batched into one forward pass.")
+    p.add_argument("source", help="fdino run folder or ckpt-*.pt, an fdino .safetensors export, or pretrained "
+                                  "weights with --arch (official DINO checkpoints included)")
+    p.add_argument("--images", type=Path, default=None, help="folder of images to index and search (recursive)")
+    p.add_argument("--arch", default=None, help="timm model name for plain/official weights (e.g. vit_small_patch16_224)")
+    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
+                   help="network of a training checkpoint (default: teacher)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
+                                                       "0.0.0.0 exposes the service to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="index cache folder (default: ~/.cache/fdino/serve)")
+    p.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward (default: 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request waits for others to batch with (default: 5 ms)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default: 10)")
+    p.add_argument("--refresh-interval", type=float, default=2.0,
+                   help="seconds between checks of the images folder for changes (default: 2)")
+    p.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's setting)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    p.set_defaults(func=run_serve)
+
+
+def build_service(args: argparse.Namespace):
+    """The `FeatureService` described by parsed ``serve`` arguments, with its index up to date."""
+    from ..export.sources import load_source  # noqa: PLC0415
+    from .service import FeatureService, ServiceConfig  # noqa: PLC0415
+
+    loaded = load_source(args.source, arch=args.arch, which=args.which, device=args.device)
+    config = ServiceConfig(max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch,
+                           max_wait_ms=args.max_wait_ms, refresh_interval=args.refresh_interval)
+    model_info = {"source": str(Path(args.source).resolve()), "arch": args.arch, "which": args.which}
+    return FeatureService(loaded.model, args.images, arch=loaded.info.arch, config=config, cache_dir=args.cache_dir,
+                          model_info=model_info)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn  # noqa: PLC0415
+
+        from .app import create_app  # noqa: PLC0415
+    except ImportError as e:
+        print(f"error: fdino serve needs the 'serve' extras ({e.name} is missing): pip install 'fdino[serve]'",
+              file=sys.stderr)
+        return 2
+    if args.images is not None and not args.images.is_dir():
+        print(f"error: --images {str(args.images)!r} is not a folder", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.threads)
+    try:
+        service = build_service(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if service.index is not None:
+        start = time.perf_counter()
+        result = service.refresh()
+        print(f"index: {len(service.index)} images in {args.images} ({result.added} embedded, {result.reused} from "
+              f"cache, {len(service.index.skipped)} unreadable skipped) in {time.perf_counter() - start:.1f} s; "
+              f"cache {service.index.cache_path}", flush=True)
+    print(f"serving {service.arch} on http://{args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+    finally:
+        service.close()
+    return 0
+
+
+__all__ = ["register", "run_serve", "build_service"]

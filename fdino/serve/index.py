@@ -1,0 +1,236 @@
+"""A folder of images embedded once, cached on disk, and refreshed incrementally when files change.
+
+Every image file under the folder (recursively; hidden files and folders skipped) is identified by
+``(relative path, size, mtime_ns)``. The cache holds one feature row per file together with that
+triple, so a refresh re-embeds only files that are new or whose size or modification time
+changed, drops rows of deleted files, and does nothing at all when the folder's fingerprint (a
+hash of every triple) is unchanged. Files that cannot be decoded are remembered with their triple
+and not retried until they change.
+
+Cache file: the `fdino embed` format (`fdino.eval.embed.save_embeddings`, safetensors): tensor
+``features`` float32 ``[N, D]`` (raw backbone features, not normalized), ``labels`` (-1), absolute
+``paths``, and in ``info``: ``format``, ``model_key`` (a hash of the weights and preprocessing:
+another model never reuses these rows), ``model`` (source, arch, which: so ``fdino search CACHE
+query.png`` works on it), ``root``, ``files`` (``[path, size, mtime_ns]`` per row) and ``skipped``
+(``{path: [size, mtime_ns, reason]}``). Written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from ..data.images import has_image_extension
+
+FORMAT = "fdino-serve-index-v1"
+
+
+class FileStat(NamedTuple):
+    """An indexed file: path relative to the root (POSIX separators), size in bytes, mtime in ns."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def scan_folder(root: str | Path) -> list[FileStat]:
+    """Image files under ``root`` (by extension), sorted by path; hidden entries are skipped."""
+    root = Path(root)
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith(".") or not has_image_extension(name):
+                continue
+            full = Path(directory) / name
+            try:
+                st = full.stat()
+            except OSError:  # vanished between listing and stat
+                continue
+            found.append(FileStat(full.relative_to(root).as_posix(), int(st.st_size), int(st.st_mtime_ns)))
+    return sorted(found)
+
+
+def fingerprint(stats: list[FileStat]) -> str:
+    """Hash of every (path, size, mtime_ns): changes whenever a file is added, removed or modified."""
+    h = hashlib.sha256()
+    for s in stats:
+        h.update(f"{s.path}\0{s.size}\0{s.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def model_key(backbone: torch.nn.Module, *extra: object) -> str:
+    """Hash of a backbone's weights and buffers (and ``extra``, e.g. the preprocessing)."""
+    h = hashlib.sha256(repr(extra).encode())
+    for name, tensor in sorted(backbone.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+class RefreshResult(NamedTuple):
+    """What a refresh changed."""
+
+    added: int
+    """Files embedded because they were new or changed."""
+    removed: int
+    """Rows dropped because their file was deleted or changed."""
+    skipped: int
+    """Undecodable files found in this refresh."""
+    reused: int
+    """Rows kept (from memory or the disk cache)."""
+
+
+@dataclass
+class FolderIndex:
+    """Feature rows for the images of ``root``; call `refresh` to (re)build, `search` to query.
+
+    Files are embedded with `fdino.eval.embed.embed_paths` (evaluation view: resize + center crop
+    to ``image_size``, normalized with ``mean`` / ``std``). Not thread-safe: the service calls it
+    from its model thread only.
+    """
+
+    root: Path
+    backbone: torch.nn.Module
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    model_key: str
+    """Identifies the weights and preprocessing (see `model_key`); cached rows of another key are ignored."""
+    cache_path: Path | None = None
+    model_info: dict = field(default_factory=dict)
+    """Stored as ``info["model"]`` (``source``, ``arch``, ``which``) so `fdino search` can reload the model."""
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"images folder {str(self.root)!r} is not a directory")
+        self.files: list[FileStat] = []
+        self.features = torch.zeros(0, 0)
+        self.skipped: dict[str, tuple[int, int, str]] = {}
+        self._fingerprint: str | None = None
+        self._by_path: dict[str, int] = {}
+        self._load_cache()
+
+    # --- queries ---------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def file(self, rel: str) -> Path | None:
+        """Absolute path of an indexed file, or None (only indexed files are ever served)."""
+        return self.root / rel if rel in self._by_path else None
+
+    def search(self, query: torch.Tensor, k: int) -> list[tuple[FileStat, float]]:
+        """The ``k`` indexed images most similar to ``query`` ``[D]`` (cosine), best first."""
+        from ..eval.embed import search  # noqa: PLC0415
+
+        if not self.files:
+            return []
+        sims, idx = search(query.reshape(1, -1).float(), self.features, k)
+        return [(self.files[i], float(s)) for s, i in zip(sims[0].tolist(), idx[0].tolist())]
+
+    # --- refresh ---------------------------------------------------------------------------------
+    def refresh(self) -> RefreshResult:
+        """Re-scan the folder; embed new/changed files, drop deleted ones, save the cache if changed."""
+        stats = scan_folder(self.root)
+        fp = fingerprint(stats)
+        if fp == self._fingerprint:
+            return RefreshResult(0, 0, 0, len(self.files))
+        current = {s.path: s for s in stats}
+        keep = [i for i, f in enumerate(self.files) if current.get(f.path) == f]
+        removed = len(self.files) - len(keep)
+        have = {self.files[i].path for i in keep}
+        skipped = {p: v for p, v in self.skipped.items() if p in current and tuple(v[:2]) == current[p][1:]}
+        todo = [s for s in stats if s.path not in have and s.path not in skipped]
+        new_files, new_rows, bad = self._embed(todo)
+        skipped.update(bad)
+        files = [self.files[i] for i in keep] + new_files
+        rows = ([self.features[keep]] if keep else []) + ([new_rows] if len(new_files) else [])
+        features = torch.cat(rows) if rows else torch.zeros(0, self.features.shape[-1])
+        order = sorted(range(len(files)), key=lambda i: files[i].path)
+        self.files = [files[i] for i in order]
+        self.features = features[order] if order else features
+        self.skipped = skipped
+        self._by_path = {f.path: i for i, f in enumerate(self.files)}
+        self._fingerprint = fp
+        self._save_cache()
+        return RefreshResult(len(new_files), removed, len(bad), len(keep))
+
+    def _embed(self, todo: list[FileStat]) -> tuple[list[FileStat], torch.Tensor, dict]:
+        """``(embedded files, their features [M, D], {path: (size, mtime_ns, reason)} unreadable)``."""
+        from ..eval.embed import embed_paths  # noqa: PLC0415
+
+        if not todo:
+            return [], torch.zeros(0, 0), {}
+        paths = [str(self.root / s.path) for s in todo]
+        device = next(self.backbone.parameters()).device
+        try:
+            feats, kept, bad = embed_paths(self.backbone, paths, image_size=self.image_size, mean=self.mean,
+                                           std=self.std, batch_size=self.batch_size, device=device)
+        except ValueError:  # embed_paths: "none of the N images could be read"
+            feats, kept, bad = torch.zeros(0, 0), [], {p: "cannot be decoded as an image" for p in paths}
+        by_full = dict(zip(paths, todo))
+        unreadable = {by_full[p].path: (by_full[p].size, by_full[p].mtime_ns, reason) for p, reason in bad.items()}
+        return [todo[i] for i in kept], feats, unreadable
+
+    # --- disk cache ------------------------------------------------------------------------------
+    def _load_cache(self) -> None:
+        if self.cache_path is None or not self.cache_path.exists():
+            return
+        from ..eval.embed import load_embeddings  # noqa: PLC0415
+
+        try:
+            emb = load_embeddings(self.cache_path)
+            info = emb.info
+            if (info.get("format"), info.get("model_key"), info.get("root")) != (FORMAT, self.model_key, str(self.root)):
+                return  # another model or folder: rebuilt (and overwritten) on refresh
+            files = [FileStat(str(p), int(s), int(m)) for p, s, m in info["files"]]
+            skipped = {p: (int(v[0]), int(v[1]), str(v[2])) for p, v in info["skipped"].items()}
+        except Exception:  # noqa: BLE001 - a corrupt or foreign cache is only a cache: rebuild it
+            return
+        if len(files) != emb.features.shape[0]:
+            return
+        self.files, self.features, self.skipped = files, emb.features, skipped
+        self._by_path = {f.path: i for i, f in enumerate(files)}
+
+    def _save_cache(self) -> None:
+        if self.cache_path is None:
+            return
+        from ..eval.embed import Embeddings, save_embeddings  # noqa: PLC0415
+
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        info = {"format": FORMAT, "model_key": self.model_key, "model": dict(self.model_info), "root": str(self.root),
+                "files": [list(f) for f in self.files], "skipped": {p: list(v) for p, v in self.skipped.items()},
+                "image_size": int(self.image_size), "mean": list(self.mean), "std": list(self.std),
+                "n_last_blocks": 1, "avgpool": False}
+        features = self.features if self.features.ndim == 2 else torch.zeros(0, 0)
+        emb = Embeddings(features.contiguous(), [str(self.root / f.path) for f in self.files],
+                         torch.full((len(self.files),), -1, dtype=torch.int64), info)
+        # Same folder and suffix as the target, so the final rename is atomic.
+        tmp = self.cache_path.with_name(f".tmp-{os.getpid()}-{self.cache_path.name}")
+        try:
+            save_embeddings(tmp, emb)
+            os.replace(tmp, self.cache_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def default_cache_path(root: str | Path, model: str, cache_dir: str | Path | None = None) -> Path:
+    """``<cache_dir>/index-<hash of folder and model>.safetensors``; default cache_dir
+    ``$XDG_CACHE_HOME/fdino/serve`` (``~/.cache/fdino/serve``): nothing is written into the images folder."""
+    if cache_dir is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache_dir = Path(base) / "fdino" / "serve"
+    key = hashlib.sha256(f"{Path(root).resolve()}\0{model}".encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"index-{key}.safetensors"
+
+
+__all__ = ["FileStat", "FolderIndex", "RefreshResult", "scan_folder", "fingerprint", "model_key",
+           "default_cache_path", "FORMAT"]
