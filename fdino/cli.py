@@ -42,7 +42,7 @@ def _field_type(f: dataclasses.Field) -> Any:
 def _parse_value(name: str, kind: Any, text: str) -> Any:
     """Command-line text -> the field's Python type; errors name the flag and the expected form."""
     try:
-        if name == "backbone_kwargs":
+        if name in ("backbone_kwargs", "augment"):
             pairs = [p for p in text.split(",") if p.strip()]
             out = []
             for pair in pairs:
@@ -76,7 +76,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue  # derived from the data set size
         kind = _field_type(f)
         default = getattr(defaults, f.name)
-        shown = ",".join(f"{k}={v}" for k, v in default) if f.name == "backbone_kwargs" else (
+        shown = ",".join(f"{k}={v}" for k, v in default) if f.name in ("backbone_kwargs", "augment") else (
             ",".join(str(v) for v in default) if isinstance(default, tuple) else default)
         group.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),

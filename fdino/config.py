@@ -59,6 +59,8 @@ class DinoConfig:
     """RandomResizedCrop area range of global crops."""
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     """RandomResizedCrop area range of local crops."""
+    augment: tuple[tuple[str, Any], ...] = ()
+    """Overrides of the paper's augmentation recipe (fdino.data.MultiCropConfig fields), e.g. hue."""
 
     # --- loss --------------------------------------------------------------------------------
     student_temp: float = 0.1
@@ -115,6 +117,11 @@ class DinoConfig:
     """Seed of parameter initialization and of the step's RNG stream."""
 
     def __post_init__(self) -> None:
+        # Pairs may arrive as lists (JSON, user code); configs must stay hashable (they key caches).
+        for name in ("backbone_kwargs", "augment"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, _frozen(value))
         _validate(self)
 
     # Derived quantities used by the schedules, kept here so every caller agrees.
@@ -150,12 +157,17 @@ class DinoConfig:
             raise ValueError(f"unknown DinoConfig field(s) {unknown}; known fields: {sorted(names)}")
         fixed = {}
         for key, value in data.items():
-            if key == "backbone_kwargs":
-                value = tuple((str(k), v) for k, v in value)
-            elif isinstance(value, list):
+            if isinstance(value, list):
                 value = tuple(value)
             fixed[key] = value
         return cls(**fixed)
+
+
+def _frozen(value: Any) -> Any:
+    """Nested lists -> nested tuples."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -210,6 +222,10 @@ def _validate(cfg: DinoConfig) -> None:
         _fail("n_local_crops", cfg.n_local_crops, "at least 1 when n_global_crops is 1 (no pairs)")
     _check_int(cfg, "global_crop_size", 1)
     _check_int(cfg, "local_crop_size", 1)
+    if not isinstance(cfg.augment, tuple) or not all(
+        isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in cfg.augment
+    ):
+        _fail("augment", cfg.augment, "a tuple of (MultiCropConfig field, value) pairs")
     _check_scale(cfg, "global_crop_scale")
     _check_scale(cfg, "local_crop_scale")
     _check_range(cfg, "student_temp", 0.0, 100.0, lo_open=True)

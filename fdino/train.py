@@ -282,9 +282,14 @@ def _rate(timing: dict, batch_size: int) -> float:
     return timing["steady_steps"] * batch_size / max(time.perf_counter() - timing["steady_start"], 1e-9)
 
 
+# Readings in a row that must show collapse before warning: one noisy batch is not a collapse.
+COLLAPSE_READINGS = 3
+
+
 def _check_collapse(values: dict[str, float], cfg: DinoConfig, loop: dict, log: MetricsLog, bar) -> None:
     message = collapse_report(values, cfg.out_dim)
-    if message and not loop.get("collapse_warning"):
+    loop["collapse_streak"] = loop.get("collapse_streak", 0) + 1 if message else 0
+    if message and loop["collapse_streak"] >= COLLAPSE_READINGS and not loop.get("collapse_warning"):
         loop["collapse_warning"] = message
         warnings.warn(message, stacklevel=2)
         bar.write(message)

@@ -107,7 +107,8 @@ class MultiCropConfig:
 
     @classmethod
     def from_dino_config(cls, cfg: Any, **overrides: Any) -> "MultiCropConfig":
-        """Crop counts, sizes and scales from a `DinoConfig`; the rest is the paper's recipe.
+        """Crop counts, sizes and scales from a `DinoConfig`, then its ``augment`` overrides; the
+        rest is the paper's recipe.
 
         Global crops of at most 64 px get `small_image_multicrop`'s blur (see there).
         """
@@ -118,9 +119,19 @@ class MultiCropConfig:
         )
         if cfg.global_crop_size <= _SMALL_IMAGE_MAX:
             fields.update(_SMALL_IMAGE_BLUR)
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name, value in getattr(cfg, "augment", ()):
+            if name not in known or name in _FROM_CROP_FIELDS:
+                raise ValueError(f"DinoConfig.augment has {name!r}, which is not an augmentation setting; allowed: "
+                                 f"{sorted(known - _FROM_CROP_FIELDS)}")
+            fields[name] = tuple(value) if isinstance(value, list) else value
         fields.update(overrides)
         return cls(**fields)
 
+
+# Set from DinoConfig's own crop fields, so not overridable through DinoConfig.augment.
+_FROM_CROP_FIELDS = frozenset({"n_global_crops", "n_local_crops", "global_crop_size", "local_crop_size",
+                               "global_crop_scale", "local_crop_scale"})
 
 # Sigma 2 px is ~1% of a 224 px crop but 6% of a 32 px one (it erases a CIFAR object); halve the
 # range for small images. The kernel rule already gives 3x3 kernels at 16-32 px.
