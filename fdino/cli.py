@@ -39,11 +39,23 @@ def _field_type(f: dataclasses.Field) -> Any:
     return hint
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so ``blur_sigma=(0.1,1.0),hue=0.5`` is two pairs."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def _parse_value(name: str, kind: Any, text: str) -> Any:
     """Command-line text -> the field's Python type; errors name the flag and the expected form."""
     try:
         if name in ("backbone_kwargs", "augment"):
-            pairs = [p for p in text.split(",") if p.strip()]
+            pairs = [p for p in _split_top_level(text) if p.strip()]
             out = []
             for pair in pairs:
                 key, _, raw = pair.partition("=")

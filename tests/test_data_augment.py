@@ -199,3 +199,18 @@ def test_any_valid_config_renders_declared_shapes(size, n_local, seed):
     assert len(crops) == c.n_crops
     assert all(x.shape[-1] == (size if k < c.n_global_crops else max(4, size // 2)) for k, x in enumerate(crops))
     assert all(torch.isfinite(x).all() for x in crops)
+
+
+def test_dino_config_augment_overrides_the_recipe_and_rejects_crop_fields():
+    from fdino.cli import build_parser
+    args = build_parser().parse_args(["train", "--augment", "hue=0.5,blur_sigma=(0.2,0.4)"])
+    assert args.cfg_augment == (("hue", 0.5), ("blur_sigma", (0.2, 0.4)))
+    cfg = DinoConfig(global_crop_size=32, local_crop_size=16, augment=[["hue", 0.5], ["blur_sigma", [0.2, 0.4]]])
+    assert cfg.augment == (("hue", 0.5), ("blur_sigma", (0.2, 0.4)))  # lists frozen: configs stay hashable
+    hash(cfg)
+    m = MultiCropConfig.from_dino_config(cfg)
+    assert (m.hue, m.blur_sigma) == (0.5, (0.2, 0.4))
+    with pytest.raises(ValueError, match="not an augmentation setting"):
+        MultiCropConfig.from_dino_config(DinoConfig(augment=(("n_local_crops", 3),)))
+    with pytest.raises(ValueError, match="augment"):
+        DinoConfig(augment=(("hue",),))
