@@ -1,6 +1,6 @@
 """Command line: ``fdino <command>`` (also ``python -m fdino <command>``).
 
-    fdino train --preset small32 --data shapes10 --run-dir runs/demo
+    fdino train --preset small32_resnet --data shapes10 --run-dir runs/demo
     fdino train --resume runs/demo
     fdino eval knn runs/demo        (and: eval linear, attention, embed, viz, search, export, serve)
 
@@ -102,7 +102,7 @@ def add_train_parser(subparsers) -> None:
         "train", help="train DINO on a data set (the main job)",
         description="Train DINO; resume with --resume RUN_DIR. Presets: " + presets_help,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="small32", choices=sorted(PRESETS), help="base configuration")
+    p.add_argument("--preset", default="small32_resnet", choices=sorted(PRESETS), help="base configuration")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
     p.add_argument("--data", default="shapes10",

@@ -65,6 +65,36 @@ def small32(**overrides) -> DinoConfig:
     return cfg.replace(**overrides)
 
 
+def small32_resnet(**overrides) -> DinoConfig:
+    """32 px images with a small ResNet (the demo's preset): learns fastest of what was tried on CPU.
+
+    A 4-stage ResNet with one basic block per stage (32-256 channels, output stride 8), BN in the
+    head, K = 256, 2 x 32 px + 2 x 16 px crops and stronger colour jitter (the built-in data set's
+    colours are nuisance); 2 epochs of shapes10 (312 steps of batch 64) fit the demo's 5 minutes on
+    2 CPU cores including compilation. Measured on shapes10 (1,000 held-out images): teacher 20-NN
+    top-1 18.2% at init -> 26.8% after the demo's 312 steps (3 min 40 s); 27-31% after 600 steps;
+    the small32 ViT stayed at 15-20% over 600 steps. Raw pixels score 34.3% on that split, so this
+    budget does not yet beat raw pixels: see the README's Limitations.
+    """
+    cfg = small32(
+        arch="resnet18",
+        patch_size=None,
+        backbone_kwargs=(("layers", (1, 1, 1, 1)), ("channels", (32, 64, 128, 256)), ("stem_width", 32),
+                         ("output_stride", 8)),
+        out_dim=256,
+        head_hidden_dim=256,
+        head_bottleneck_dim=64,
+        head_use_bn=True,
+        norm_last_layer=False,
+        n_local_crops=2,
+        epochs=2,
+        warmup_epochs=0.2,
+        lr=0.016,
+        augment=(("hue", 0.5), ("saturation", 0.8), ("grayscale_p", 0.5)),
+    )
+    return cfg.replace(**overrides)
+
+
 def vit_small16(**overrides) -> DinoConfig:
     """The paper's ViT-S/16: 2 x 224 + 10 x 96 crops, K = 65536, lr 5e-4 x batch/256, batch 1024."""
     cfg = DinoConfig(
@@ -127,7 +157,7 @@ def resnet50(**overrides) -> DinoConfig:
     return cfg.replace(**overrides)
 
 
-PRESETS = {"smoke": smoke, "small32": small32, "vit_small16": vit_small16, "vit_base16": vit_base16, "resnet50": resnet50}
+PRESETS = {"smoke": smoke, "small32": small32, "small32_resnet": small32_resnet, "vit_small16": vit_small16, "vit_base16": vit_base16, "resnet50": resnet50}
 
 
 def preset(name: str, **overrides) -> DinoConfig:
