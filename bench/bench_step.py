@@ -38,18 +38,17 @@ def measure(step_fn, cfg: fdino.DinoConfig, device: str, warmup: int, steps: int
     """Seconds of the warm-up (compilation included) and images/s over the timed steps."""
     state = fdino.init_state(cfg, device=device)
     batches = [_batch(cfg, device, i) for i in range(4)]
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        state, metrics = step_fn(state, batches[i % 4])
-    float(metrics["loss"])
-    _sync(device)
-    warm_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(steps):
-        state, metrics = step_fn(state, batches[i % 4])
-    float(metrics["loss"])
-    _sync(device)
-    timed_s = time.perf_counter() - t0
+
+    def timed(n: int) -> float:
+        nonlocal state
+        t0 = time.perf_counter()
+        for i in range(n):
+            state, metrics = step_fn(state, batches[i % 4])
+        float(metrics["loss"])  # wait for the last step
+        _sync(device)
+        return time.perf_counter() - t0
+
+    warm_s, timed_s = timed(warmup), timed(steps)
     return {"warmup_s": round(warm_s, 1), "step_ms": round(1000 * timed_s / steps, 1),
             "images_per_s": round(steps * cfg.batch_size / timed_s, 1)}
 
