@@ -20,6 +20,7 @@ from typing import Any
 
 from .config import DinoConfig, config_fields, field_doc
 from .presets import PRESETS
+from .train import TrainOptions
 
 _TRAIN_OPTION_FLAGS = {
     "data": "--data", "data_root": "--data-root", "download": "--download", "run_dir": "--run-dir",
@@ -105,27 +106,28 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--preset", default="small32_resnet", choices=sorted(PRESETS), help="base configuration")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
-    p.add_argument("--data", default="shapes10",
-                   help="shapes10 (built in), cifar10, cifar100, stl10, fashion-mnist, or an image folder")
-    p.add_argument("--data-root", default=None, help="where torchvision data sets / IDX files are")
+    # Defaults come from TrainOptions (set below), so the CLI and `fdino.train.run` cannot drift.
+    p.add_argument("--data", help="shapes10 (built in), cifar10, cifar100, stl10, fashion-mnist, or an image folder")
+    p.add_argument("--data-root", help="where torchvision data sets / IDX files are")
     p.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    p.add_argument("--run-dir", default=None, help="output folder (default runs/<data>-<preset>)")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to train")
+    p.add_argument("--run-dir", help="output folder (default runs/<data>-<preset>)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where to train")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="use the eager step instead of torch.compile (debugging, or very short runs)")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metric logs")
-    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest checkpoints kept")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between k-NN evaluations (0: start and end)")
-    p.add_argument("--knn-k", type=int, default=20, help="k of the k-NN evaluation")
-    p.add_argument("--eval-samples", type=int, default=2000, help="memory-bank images for k-NN (0: all)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: whole schedule)")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this much wall time (0: none)")
+    p.add_argument("--workers", type=int, help="data loader worker processes")
+    p.add_argument("--log-every", type=int, help="steps between metric logs")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
+    p.add_argument("--eval-every", type=int, help="steps between k-NN evaluations (0: start and end)")
+    p.add_argument("--knn-k", type=int, help="k of the k-NN evaluation")
+    p.add_argument("--eval-samples", type=int, help="memory-bank images for k-NN (0: all)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (0: whole schedule)")
+    p.add_argument("--max-minutes", type=float, help="stop after this much wall time (0: none)")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
-    p.add_argument("--attention-images", type=int, default=4, help="images with attention maps at the end")
+    p.add_argument("--attention-images", type=int, help="images with attention maps at the end")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(**{f.name: f.default for f in dataclasses.fields(TrainOptions) if f.name != "run_dir"}, run_dir=None)
     _add_config_flags(p)
     p.set_defaults(func=run_train)
 

@@ -148,6 +148,16 @@ def _export_and_check(loaded, out: Path, threads: int, *, image_size: int | None
     return path, check, onnx_model
 
 
+def _load_with_threads(args: argparse.Namespace):
+    """The model named by the arguments and the thread count now set; (None, 0) after printing why not."""
+    try:
+        loaded = _load(args)
+    except (FileNotFoundError, ValueError) as e:
+        _err(str(e))
+        return None, 0
+    return loaded, _set_threads(args)
+
+
 def run_export(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -157,11 +167,9 @@ def run_export(args: argparse.Namespace) -> int:
         return _err("--int8 quantizes the ONNX export; add onnx to --formats")
     if "onnx" in formats and (code := _extras_error()) is not None:
         return code
-    try:
-        loaded = _load(args)
-    except (FileNotFoundError, ValueError) as e:
-        return _err(str(e))
-    threads = _set_threads(args)
+    loaded, threads = _load_with_threads(args)
+    if loaded is None:
+        return 2
     out = args.out or _default_out(Path(args.source))
     out.mkdir(parents=True, exist_ok=True)
     info = loaded.info
@@ -198,11 +206,9 @@ def _int8_onnxruntime(loaded, fp32_path: Path, onnx_fp32, args: argparse.Namespa
 def run_quantize(args: argparse.Namespace) -> int:
     if args.backend in ("onnxruntime", "both") and (code := _extras_error()) is not None:
         return code
-    try:
-        loaded = _load(args)
-    except (FileNotFoundError, ValueError) as e:
-        return _err(str(e))
-    threads = _set_threads(args)
+    loaded, threads = _load_with_threads(args)
+    if loaded is None:
+        return 2
     backends = ("onnxruntime", "torch") if args.backend == "both" else (args.backend,)
     print(f"model: {loaded.info.arch} ({loaded.info.which}), input {loaded.info.image_size} px; "
           f"{args.data}, {threads} thread{'s' if threads != 1 else ''}")

@@ -81,7 +81,7 @@ class BodyLimit:
 
 
 class _TooLarge(Exception):
-    pass
+    """The request body passed the upload limit while streaming (answered with 413)."""
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:

@@ -11,6 +11,7 @@ most ``max_wait_ms`` extra.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from concurrent.futures import Executor
 
@@ -58,11 +59,9 @@ class BatchQueue:
         items = [await queue.get()]
         deadline = loop.time() + self.max_wait
         while len(items) < self.max_batch:
-            try:
+            if not queue.empty():  # one consumer: a non-empty queue cannot empty before get_nowait
                 items.append(queue.get_nowait())
                 continue
-            except asyncio.QueueEmpty:
-                pass
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
@@ -99,10 +98,8 @@ class BatchQueue:
         """Stop the worker (pending requests are cancelled)."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # its outcome no longer matters
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
             self._task = None
 
     def stats(self) -> dict[str, int]:
