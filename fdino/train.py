@@ -60,8 +60,8 @@ class TrainOptions:
     """Steps between checkpoints (one is always written at the end)."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept on disk."""
-    eval_every: int = 0
-    """Steps between k-NN evaluations of the teacher (0: at the start and the end only)."""
+    eval_every: int = 1000
+    """Steps between k-NN evaluations of the teacher, besides the start and the end (0: those two only)."""
     knn_k: int = 20
     """k of the weighted k-NN evaluation."""
     eval_samples: int = 2000
@@ -78,6 +78,21 @@ class TrainOptions:
     """Write TensorBoard events to run_dir/tb."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        # Checked here, not mid-run: a bad value must fail before any compile or data work starts.
+        for name, lo in (("workers", 0), ("log_every", 1), ("ckpt_every", 1), ("keep_checkpoints", 1),
+                         ("eval_every", 0), ("knn_k", 1), ("eval_samples", 0), ("max_steps", 0),
+                         ("attention_images", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"TrainOptions.{name}={value!r} is invalid: allowed an integer >= {lo}")
+        if isinstance(self.max_minutes, bool) or not isinstance(self.max_minutes, (int, float)) \
+                or not 0 <= self.max_minutes < float("inf"):
+            raise ValueError(f"TrainOptions.max_minutes={self.max_minutes!r} is invalid: allowed a number >= 0 "
+                             "(0: no limit)")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"TrainOptions.device={self.device!r} is invalid: choose auto, cuda or cpu")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -206,7 +206,7 @@ def finish_report(run_dir: Path, cfg: DinoConfig, opts, state: TrainState, loop:
             loop["history"].append({"step": int(state.step), "knn_top1": final})
         summary.update(knn_k=opts.knn_k, knn_top1_teacher=final, knn_top1_init=loop.get("knn_init"),
                        knn_top1_raw_pixels=loop.get("knn_raw_pixels"), knn_eval_images=len(evals.query),
-                       knn_split=evals.note)
+                       knn_split=evals.note, knn_history=list(loop["history"]))
     summary["curves"] = str(save_curves(run_dir, loop["history"], read_metrics(run_dir)))
     attention = save_attention(run_dir, evals, state, opts.attention_images)
     summary["attention"] = str(attention) if attention else None

@@ -44,11 +44,15 @@ def test_cli_train_compiled_end_to_end(tmp_path):
     data = make_folder(tmp_path / "images")
     run_dir = tmp_path / "run"
     code = cli.main(["train", *COMMON, "--data", str(data), "--run-dir", str(run_dir), "--max-steps", "8",
-                     "--ckpt-every", "4", "--log-every", "2", "--lr", "0.01"])
+                     "--ckpt-every", "4", "--log-every", "2", "--lr", "0.01", "--eval-every", "3"])
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["skipped_files"] == 0
     assert summary["knn_top1_teacher"] is not None and summary["knn_top1_raw_pixels"] is not None
+    # periodic k-NN: at init, every 3 steps, and at the end; the last entry is the final number
+    history = summary["knn_history"]
+    assert [h["step"] for h in history] == [0, 3, 6, 8]
+    assert history[0]["knn_top1"] == summary["knn_top1_init"] and history[-1]["knn_top1"] == summary["knn_top1_teacher"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "step" in r] == [2, 4, 6, 8]
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
@@ -140,3 +144,15 @@ def test_config_flags_parse_to_dinoconfig_types(flag, value, expected):
     args = cli.build_parser().parse_args(["train", flag, value])
     name = flag[2:].replace("-", "_")
     assert getattr(args, f"cfg_{name}") == expected
+
+
+@pytest.mark.parametrize("flag,value,field", [("--log-every", "0", "log_every"), ("--eval-every", "-1", "eval_every"),
+                                              ("--keep-checkpoints", "0", "keep_checkpoints"),
+                                              ("--max-minutes", "-2", "max_minutes")])
+def test_bad_run_options_fail_before_any_work_naming_the_option(tmp_path, capsys, flag, value, field):
+    run_dir = tmp_path / "r"
+    code = cli.main(["train", *COMMON, "--data", "shapes10", "--run-dir", str(run_dir), flag, value])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"TrainOptions.{field}=" in err and "allowed" in err
+    assert not run_dir.exists(), "nothing may be written for a run that cannot start"
