@@ -3,8 +3,6 @@ trivial nor chance (so a learned feature has something to beat, and something to
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -53,12 +51,6 @@ def test_shapes_dtype_balance_and_sizes():
         make_shapes10(10, size=4)
     with pytest.raises(ValueError, match="split='val'"):
         shapes10("val")
-
-
-def test_generation_is_fast():
-    start = time.perf_counter()
-    make_shapes10.__wrapped__(2000, size=32, seed=11, split="train")
-    assert time.perf_counter() - start < 5.0  # about 0.2 s on 2 cores; generous for busy CI machines
 
 
 def test_raw_pixel_knn_is_neither_trivial_nor_chance():
