@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import DinoConfig, config_fields, field_doc
 from .presets import PRESETS
-from .train import TrainOptions
+from .train import DEVICES, TrainOptions
 
 _TRAIN_OPTION_FLAGS = {
     "data": "--data", "data_root": "--data-root", "download": "--download", "run_dir": "--run-dir",
@@ -111,7 +111,7 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--data-root", help="where torchvision data sets / IDX files are")
     p.add_argument("--download", action="store_true", help="let torchvision download the data set")
     p.add_argument("--run-dir", help="output folder (default runs/<data>-<preset>)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="where to train")
+    p.add_argument("--device", choices=DEVICES, help="where to train")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="use the eager step instead of torch.compile (debugging, or very short runs)")
     p.add_argument("--workers", type=int, help="data loader worker processes")

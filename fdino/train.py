@@ -36,6 +36,9 @@ class NonFiniteLossError(RuntimeError):
     """Training stopped because the loss or the parameters stopped being finite."""
 
 
+DEVICES = ("auto", "cuda", "cpu")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainOptions:
     """How to run a training job (the config says what to train)."""
@@ -91,8 +94,8 @@ class TrainOptions:
                 or not 0 <= self.max_minutes < float("inf"):
             raise ValueError(f"TrainOptions.max_minutes={self.max_minutes!r} is invalid: allowed a number >= 0 "
                              "(0: no limit)")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"TrainOptions.device={self.device!r} is invalid: choose auto, cuda or cpu")
+        if self.device not in DEVICES:
+            raise ValueError(f"TrainOptions.device={self.device!r} is invalid: choose one of {DEVICES}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,12 +107,11 @@ RESUMABLE_OVERRIDES = ("device", "compile", "workers", "log_every", "ckpt_every"
 
 
 def _resolve_device(name: str, info_device: torch.device) -> str:
+    """``name`` is one of DEVICES (TrainOptions checks it); 'auto' follows the distributed setup."""
     if name == "auto":
         return info_device.type
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
-    if name not in ("cuda", "cpu"):
-        raise ValueError(f"device={name!r} is invalid: choose auto, cuda or cpu")
     return name
 
 
