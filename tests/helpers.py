@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,3 +17,12 @@ TOLERANCES = {
     torch.bfloat16: (2e-2, 2e-3),
     torch.float16: (5e-3, 5e-4),
 }
+
+
+def load_bench_module(name: str):
+    """A script of ``bench/`` imported by file path (``bench/`` is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,14 +9,12 @@ the device; stop-gradient; input errors; and a CPU smoke run of the benchmark's 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCES, requires_cuda
+from helpers import TOLERANCES, load_bench_module, requires_cuda
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -326,19 +324,11 @@ def test_dtype_and_device_errors(monkeypatch):
 # ----------------------------------------------------------------------------- benchmark smoke test
 
 
-def _load_bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_dino_loss.py"
-    spec = importlib.util.spec_from_file_location("bench_dino_loss", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_benchmark_providers_agree_on_cpu(dtype, tmp_path):
     """Every provider and mode of bench/bench_dino_loss.py, once, on tiny CPU shapes; the compiled
     provider uses the aot_eager backend (the file's one inductor graph is the fixture above)."""
-    bench = _load_bench()
+    bench = load_bench_module("bench_dino_loss")
     providers = bench.make_providers(compile_backend="aot_eager")
     assert tuple(providers) == bench.PROVIDERS
     inputs = bench.make_inputs(2, 40, dtype, DEVICE, n_crops=4)

@@ -1,0 +1,115 @@
+"""Recipe probe: one short training run of a preset variant, read the way `make demo` reads it.
+
+    python bench/recipe_probe.py '{"out_dim": 4096}' [--preset small32_resnet] [--seed 0]
+                                 [--steps 0] [--objective dino|contrastive] [--threads 1]
+
+Why: issue 4 asks the demo's teacher to beat raw pixels on shapes10; the variants measured so far
+are in `bench/results/demo-recipes-cpu.md`, all with this protocol: `fdino.train.run` with the
+eager step, one loader worker, the preset's schedules (2 epochs of shapes10 for the demo preset),
+weighted 20-NN on 1,000 held-out images against a 2,000-image train bank. Prints one JSON line
+with the k-NN top-1 of the network at init, the teacher, the student and raw pixels.
+
+``--objective contrastive`` is a control, not a feature of fdino: it keeps the network, crops,
+optimizer, schedules, teacher EMA and evaluation, and swaps only the DINO loss for NT-Xent
+(SimCLR's loss, temperature 0.2) between the head outputs of each image's two global crops. When
+it learns and DINO does not, the ceiling is in the DINO objective's dynamics, not in the network
+or the data. Run two probes at a time with ``--threads 1`` each on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fdino.step
+from fdino import presets
+from fdino.checkpoint import load_checkpoint
+from fdino.train import TrainOptions, run
+from fdino.train_report import EvalSets, evaluate_knn
+
+CONTRASTIVE_TEMPERATURE = 0.2
+
+
+def nt_xent_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor, *,
+                 student_temp, teacher_temp, n_global_crops: int = 2, impl: str = "auto"):
+    """NT-Xent over the first two crops, with `fdino.loss.dino_loss`'s signature and outputs.
+
+    Rows ``[0, B)`` and ``[B, 2B)`` of ``student_logits`` are the two global crops of B images;
+    each row's positive is the other crop of its image, its negatives the other 2B - 2 rows.
+    The batch center is still returned (the step keeps updating it; nothing reads it here).
+    """
+    del center, student_temp, teacher_temp, impl
+    b = teacher_logits.shape[0] // n_global_crops
+    z = F.normalize(student_logits[: 2 * b].float(), dim=-1)
+    sim = (z @ z.T) / CONTRASTIVE_TEMPERATURE
+    sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool, device=sim.device), float("-inf"))
+    positive = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(sim.device)
+    return F.cross_entropy(sim, positive), teacher_logits.float().mean(dim=0)
+
+
+@contextlib.contextmanager
+def objective(name: str):
+    """The step reads `dino_loss` from its module at call time, so swapping it there swaps the objective."""
+    if name == "dino":
+        yield
+        return
+    original = fdino.step.dino_loss
+    fdino.step.dino_loss = nt_xent_loss
+    try:
+        yield
+    finally:
+        fdino.step.dino_loss = original
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def probe(overrides: dict, *, preset: str = "small32_resnet", steps: int = 0, name: str = "dino",
+          eval_every: int = 100, eval_samples: int = 2000, run_dir: str | None = None) -> dict:
+    """Train one variant eagerly and return its k-NN numbers (percent) and wall time."""
+    cfg = presets.preset(preset, **{k: _tuples(v) for k, v in overrides.items()})
+    with contextlib.ExitStack() as stack:
+        folder = run_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fdino-probe-"))
+        opts = TrainOptions(data="shapes10", run_dir=folder, compile=False, workers=1, log_every=50,
+                            ckpt_every=10**6, max_steps=steps, eval_every=eval_every, eval_samples=eval_samples,
+                            progress=False, tensorboard=False, attention_images=0)
+        started = time.perf_counter()
+        with objective(name):
+            summary = run(cfg, opts, overwrite=True)
+        state, _ = load_checkpoint(folder)
+        student = evaluate_knn(EvalSets.build(opts, cfg, torch.device("cpu")), state, "student")
+    return {"objective": name, "overrides": overrides, "steps": summary["steps"],
+            "init": summary["knn_top1_init"], "teacher": summary["knn_top1_teacher"], "student": student,
+            "raw_pixels": summary["knn_top1_raw_pixels"], "history": summary["knn_history"],
+            "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="?", default="{}", help="JSON object of DinoConfig overrides")
+    parser.add_argument("--preset", default="small32_resnet")
+    parser.add_argument("--seed", type=int, default=None, help="shortcut for the 'seed' override")
+    parser.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the whole schedule)")
+    parser.add_argument("--objective", choices=("dino", "contrastive"), default="dino")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    overrides = json.loads(args.overrides)
+    if not isinstance(overrides, dict):
+        sys.exit("overrides must be a JSON object, e.g. '{\"out_dim\": 4096}'")
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps(probe(overrides, preset=args.preset, steps=args.steps, name=args.objective)))
+
+
+if __name__ == "__main__":
+    main()
