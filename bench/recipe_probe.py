@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import fdino.step
 from fdino import presets
+from fdino.config import DinoConfig
 from fdino.checkpoint import load_checkpoint
 from fdino.train import TrainOptions, run
 from fdino.train_report import EvalSets, evaluate_knn
@@ -68,14 +69,11 @@ def objective(name: str):
         fdino.step.dino_loss = original
 
 
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
 def probe(overrides: dict, *, preset: str = "small32_resnet", steps: int = 0, name: str = "dino",
           eval_every: int = 100, eval_samples: int = 2000, run_dir: str | None = None) -> dict:
     """Train one variant eagerly and return its k-NN numbers (percent) and wall time."""
-    cfg = presets.preset(preset, **{k: _tuples(v) for k, v in overrides.items()})
+    # from_dict turns JSON lists into tuples and names unknown fields.
+    cfg = DinoConfig.from_dict({**presets.preset(preset).to_dict(), **overrides})
     with contextlib.ExitStack() as stack:
         folder = run_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fdino-probe-"))
         opts = TrainOptions(data="shapes10", run_dir=folder, compile=False, workers=1, log_every=50,
