@@ -7,7 +7,8 @@ Why: issue 4 asks the demo's teacher to beat raw pixels on shapes10; the variant
 are in `bench/results/demo-recipes-cpu.md`, all with this protocol: `fdino.train.run` with the
 eager step, one loader worker, the preset's schedules (2 epochs of shapes10 for the demo preset),
 weighted 20-NN on 1,000 held-out images against a 2,000-image train bank. Prints one JSON line
-with the k-NN top-1 of the network at init, the teacher, the student and raw pixels.
+with the k-NN top-1 of the network at init, the teacher, the student and raw pixels, and the last
+logged step's collapse diagnostics (teacher entropy, dimensions in use, KL, loss) as "final".
 
 ``--objective contrastive`` is a control, not a feature of fdino: it keeps the network, crops,
 optimizer, schedules, teacher EMA and evaluation, and swaps only the DINO loss for NT-Xent
@@ -24,6 +25,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,7 @@ from fdino import presets
 from fdino.config import DinoConfig
 from fdino.checkpoint import load_checkpoint
 from fdino.train import TrainOptions, run
-from fdino.train_report import EvalSets, evaluate_knn
+from fdino.train_report import EvalSets, evaluate_knn, read_metrics
 
 CONTRASTIVE_TEMPERATURE = 0.2
 
@@ -69,6 +71,15 @@ def objective(name: str):
         fdino.step.dino_loss = original
 
 
+DIAGNOSTICS = ("teacher_entropy", "teacher_effective_dims", "kl", "loss")
+
+
+def last_diagnostics(run_dir: Path) -> dict:
+    """The collapse diagnostics of the last logged step (a soft teacher, entropy near log K, teaches little)."""
+    rows = [r for r in read_metrics(run_dir) if "teacher_entropy" in r]
+    return {k: round(rows[-1][k], 3) for k in DIAGNOSTICS if k in rows[-1]} if rows else {}
+
+
 def probe(overrides: dict, *, preset: str = "small32_resnet", steps: int = 0, name: str = "dino",
           eval_every: int = 100, eval_samples: int = 2000, run_dir: str | None = None) -> dict:
     """Train one variant eagerly and return its k-NN numbers (percent) and wall time."""
@@ -84,9 +95,10 @@ def probe(overrides: dict, *, preset: str = "small32_resnet", steps: int = 0, na
             summary = run(cfg, opts, overwrite=True)
         state, _ = load_checkpoint(folder)
         student = evaluate_knn(EvalSets.build(opts, cfg, torch.device("cpu")), state, "student")
+        final = last_diagnostics(Path(folder))
     return {"objective": name, "overrides": overrides, "steps": summary["steps"],
             "init": summary["knn_top1_init"], "teacher": summary["knn_top1_teacher"], "student": student,
-            "raw_pixels": summary["knn_top1_raw_pixels"], "history": summary["knn_history"],
+            "raw_pixels": summary["knn_top1_raw_pixels"], "history": summary["knn_history"], "final": final,
             "wall_s": round(time.perf_counter() - started, 1)}
 
 

@@ -10,6 +10,7 @@ import torch
 from helpers import load_bench_module
 
 import fdino.step
+from fdino import presets
 from fdino.loss import dino_loss
 
 
@@ -57,4 +58,9 @@ def test_probe_runs_the_training_job_and_reads_all_four_numbers(objective, tmp_p
     assert [h["step"] for h in result["history"]] == [0, 1, 2]
     for key in ("init", "teacher", "student", "raw_pixels"):
         assert 0.0 <= result[key] <= 100.0, key
+    # The last logged step's collapse diagnostics (read back from metrics.jsonl).
+    assert set(result["final"]) == set(probe_module.DIAGNOSTICS)
+    out_dim = presets.small32_resnet().out_dim
+    assert 0.0 < result["final"]["teacher_entropy"] <= math.log(out_dim) + 1e-3
+    assert 1.0 <= result["final"]["teacher_effective_dims"] <= out_dim + 1e-3
     assert fdino.step.dino_loss is dino_loss
