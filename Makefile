@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 # The main job on the built-in data set (about 5 minutes on 2 CPU cores).
 demo: $(STAMP)
-	$(VENV)/bin/fdino train --preset small32_resnet --data shapes10 --run-dir runs/demo --overwrite --eval-every 52
+	$(VENV)/bin/fdino train --preset small32_resnet --data shapes10 --run-dir runs/demo --overwrite --eval-every 338
 
 # System packages some tests use: Debian's Fashion-MNIST (real data for the evaluation tests) and
 # Chromium + ChromeDriver (the search page in a real browser). Installed only where apt and root
