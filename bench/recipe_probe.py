@@ -5,7 +5,7 @@
 
 Why: issue 4 asks the demo's teacher to beat raw pixels on shapes10; the variants measured so far
 are in `bench/results/demo-recipes-cpu.md`, all with this protocol: `fdino.train.run` with the
-eager step, one loader worker, the preset's schedules (2 epochs of shapes10 for the demo preset),
+eager step, one loader worker, the preset's schedules (13 epochs of shapes10 for the demo preset),
 weighted 20-NN on 1,000 held-out images against a 2,000-image train bank. Prints one JSON line
 with the k-NN top-1 of the network at init, the teacher, the student and raw pixels, and the last
 logged step's collapse diagnostics (teacher entropy, dimensions in use, KL, loss) as "final".
