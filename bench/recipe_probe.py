@@ -13,8 +13,10 @@ logged step's collapse diagnostics (teacher entropy, dimensions in use, KL, loss
 ``--objective contrastive`` is a control, not a feature of fdino: it keeps the network, crops,
 optimizer, schedules, teacher EMA and evaluation, and swaps only the DINO loss for NT-Xent
 (SimCLR's loss, temperature 0.2) between the head outputs of each image's two global crops. When
-it learns and DINO does not, the ceiling is in the DINO objective's dynamics, not in the network
-or the data. Run two probes at a time with ``--threads 1`` each on a 2-core machine.
+it learns within a budget and DINO does not, the network and the data are not what holds DINO
+back at that budget; it does not tell a ceiling from a late start (on shapes10 DINO's k-NN rises
+only after ~1,000 steps; see the results file). Run two probes at a time with ``--threads 1``
+each on a 2-core machine.
 """
 
 from __future__ import annotations
