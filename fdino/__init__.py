@@ -12,7 +12,7 @@ from .ema import ema_update_
 from .loss import dino_loss, dino_loss_reference, update_center
 from .models import create_backbone, create_network
 from .optim import AdamWState
-from .state import TrainState, clone_state, init_state, state_to, tree_allclose
+from .state import TrainState, clone_state, init_state, tree_allclose
 from .step import check_batch, train_step, train_step_eager
 
 __version__ = "0.1.0"
@@ -32,7 +32,6 @@ __all__ = [
     "init_state",
     "presets",
     "schedules",
-    "state_to",
     "teacher_diagnostics",
     "train_step",
     "train_step_eager",

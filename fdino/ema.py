@@ -20,9 +20,3 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], moment
     else:
         torch._foreach_lerp_(teacher, student, weight)
 
-
-def ema_update_reference_(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
-    """The reference code's per-parameter loop, for tests and benchmarks."""
-    with torch.no_grad():
-        for t, s in zip(teacher, student):
-            t.mul_(momentum).add_((1.0 - momentum) * s)

@@ -111,13 +111,6 @@ def clone_state(state: TrainState) -> TrainState:
     return pytree.tree_map(lambda t: t.clone(), state)
 
 
-def state_to(state: TrainState, device: str | torch.device) -> TrainState:
-    """The state with every tensor on ``device`` (the RNG counter stays on the CPU)."""
-    rng = state.rng
-    moved = pytree.tree_map(lambda t: t.to(device), state)
-    return moved.replace(rng=rng.clone())
-
-
 def tree_allclose(a, b, *, rtol: float = 0.0, atol: float = 0.0) -> bool:
     """Every leaf of two pytrees of the same structure is close (bitwise equal by default)."""
     la, sa = pytree.tree_flatten(a)

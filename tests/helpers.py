@@ -26,3 +26,10 @@ def load_bench_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def ema_update_reference_(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
+    """The reference code's per-parameter EMA loop (paper eq. 2), the twin of `fdino.ema_update_`."""
+    with torch.no_grad():
+        for t, s in zip(teacher, student):
+            t.mul_(momentum).add_((1.0 - momentum) * s)

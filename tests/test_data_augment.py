@@ -22,7 +22,7 @@ from fdino.data import (
     sample_views,
     small_image_multicrop,
 )
-from fdino.data.render import resample_matrix
+from fdino.data.batch_augment import resample_matrix
 
 
 def _image(seed: int = 0, h: int = 40, w: int = 48) -> torch.Tensor:

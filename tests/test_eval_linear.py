@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fdino.data import ArrayDataset
 from fdino.eval import linear_eval_images, linear_probe, train_linear_probe
-from fdino.eval.linear import cosine_lr, random_resized_crop_box
+from fdino.data.augment import random_resized_crop_box
+from fdino.eval.linear import cosine_lr
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

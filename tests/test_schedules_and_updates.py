@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fdino import DinoConfig, ema_update_, schedules
-from fdino.ema import ema_update_reference_
 from fdino.optim import adamw_frozen_aware_, clip_grads_per_param_
+from helpers import ema_update_reference_
 
 CFG = DinoConfig(epochs=10, steps_per_epoch=100, batch_size=512, lr=5e-4, min_lr=1e-6, warmup_epochs=2.0,
                  weight_decay=0.04, weight_decay_end=0.4, teacher_momentum=0.996, teacher_momentum_end=1.0,

@@ -31,7 +31,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from .images import to_rgb
-from .render import blur_kernel_size, render_batch
+from .batch_augment import blur_kernel_size, render_batch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -211,8 +211,12 @@ class ViewParams(NamedTuple):
     solarize: bool
 
 
-def _crop_box(rng: random.Random, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params with an explicit RNG: (top, left, h, w)."""
+def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], rng: random.Random,
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params with an explicit RNG: ``(top, left, h, w)``.
+
+    The one copy of the box draw: the multi-crop views and the linear probe's training views use it.
+    """
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -235,7 +239,7 @@ def _crop_box(rng: random.Random, height: int, width: int, scale, ratio) -> tupl
 
 def _sample_view(rng: random.Random, c: MultiCropConfig, height: int, width: int, *, size: int, scale,
                  blur_p: float, solarize_p: float) -> ViewParams:
-    top, left, h, w = _crop_box(rng, height, width, scale, c.crop_ratio)
+    top, left, h, w = random_resized_crop_box(height, width, scale, rng, c.crop_ratio)
     flip = rng.random() < c.flip_p
     jitter = None
     if rng.random() < c.jitter_p:
@@ -309,7 +313,7 @@ class MultiCrop:
     ``MultiCrop(cfg)(image, seed)`` maps one image (PIL or uint8 tensor) to a list of V float
     tensors ``[3, S_k, S_k]``; it is a pure function of (image, seed). Without a seed, fresh OS
     entropy is used (not reproducible). `batch` does the same for many images at once (the loaders'
-    fast path, `fdino.data.render`); `reference` renders the same parameters with torchvision's
+    fast path, `fdino.data.batch_augment`); `reference` renders the same parameters with torchvision's
     v2 kernels one crop at a time (slow; the yardstick the fast path is tested against).
     """
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..data.augment import random_resized_crop_box
 from .features import batch_features, extract_features
 from .knn import topk_accuracy
 
@@ -187,28 +188,6 @@ class RandomCropFlipDataset(Dataset):
         return TF.normalize(x.float().div_(255.0), self.mean, self.std), label
 
 
-def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], rng: random.Random,
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop box ``(top, left, h, w)`` drawn from ``rng`` (10 tries, then center)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif aspect > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 def _collate(samples):
     return torch.stack([s[0] for s in samples]), torch.tensor([int(s[1]) for s in samples])
 
@@ -268,4 +247,4 @@ def linear_eval_images(backbone: nn.Module, train_data: Dataset, test_data: Data
 
 
 __all__ = ["LinearProbe", "train_linear_probe", "probe_accuracy", "linear_probe", "linear_eval_images",
-           "RandomCropFlipDataset", "random_resized_crop_box", "cosine_lr", "init_linear", "sgd_step"]
+           "RandomCropFlipDataset", "cosine_lr", "init_linear", "sgd_step"]
