@@ -36,8 +36,9 @@ import fdino.step
 from fdino import presets
 from fdino.config import DinoConfig
 from fdino.checkpoint import load_checkpoint
+from fdino.run_log import read_metrics
 from fdino.train import TrainOptions, run
-from fdino.train_report import EvalSets, evaluate_knn, read_metrics
+from fdino.train_eval import EvalSets, evaluate_knn
 
 CONTRASTIVE_TEMPERATURE = 0.2
 

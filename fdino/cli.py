@@ -2,10 +2,14 @@
 
     fdino train --preset small32_resnet --data shapes10 --run-dir runs/demo
     fdino train --resume runs/demo
+    fdino train --config run.toml --max-steps 100
     fdino eval knn runs/demo        (and: eval linear, attention, embed, viz, search, export, serve)
 
 Every `DinoConfig` field is a ``fdino train`` flag (``--out-dim 4096``, ``--global-crop-scale 0.3,1``,
-``--backbone-kwargs depth=4,embed_dim=96``), applied on top of the chosen preset.
+``--backbone-kwargs depth=4,embed_dim=96``), applied on top of the chosen preset, and so is every
+`TrainOptions` field (``--max-steps 100``, ``--no-compile``): both generated from the dataclasses,
+help from each field's docstring. ``fdino train --config run.toml`` (or a run's ``run.json``) reads
+the same fields from a file (`fdino.config_file`); flags given as well override the file.
 """
 
 from __future__ import annotations
@@ -13,31 +17,18 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import importlib
 import sys
-import types
 import typing
 from typing import Any
 
+from . import presets
 from .config import DinoConfig, config_fields, field_doc
+from .config_file import config_file, field_type
 from .presets import PRESETS
-from .train import DEVICES, TrainOptions
+from .train import TrainOptions
 
-_TRAIN_OPTION_FLAGS = {
-    "data": "--data", "data_root": "--data-root", "download": "--download", "run_dir": "--run-dir",
-    "device": "--device", "workers": "--workers", "log_every": "--log-every", "ckpt_every": "--ckpt-every",
-    "keep_checkpoints": "--keep-checkpoints", "eval_every": "--eval-every", "knn_k": "--knn-k",
-    "eval_samples": "--eval-samples", "max_steps": "--max-steps", "max_minutes": "--max-minutes",
-    "attention_images": "--attention-images",
-}
-
-
-def _field_type(f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(DinoConfig)
-    hint = hints[f.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = args[0]
-    return hint
+DEFAULT_PRESET = "small32_resnet"
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -87,7 +78,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in config_fields():
         if f.name == "steps_per_epoch":
             continue  # derived from the data set size
-        kind = _field_type(f)
+        kind = field_type(DinoConfig, f)
         default = getattr(defaults, f.name)
         shown = ",".join(f"{k}={v}" for k, v in default) if f.name in ("backbone_kwargs", "augment") else (
             ",".join(str(v) for v in default) if isinstance(default, tuple) else default)
@@ -97,64 +88,77 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             help=f"{field_doc(f.name)} (DinoConfig default: {shown})")
 
 
+def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag per TrainOptions field; unset flags stay None, so the config file and resume can tell what was given."""
+    group = parser.add_argument_group("TrainOptions (how the run executes)")
+    for f in dataclasses.fields(TrainOptions):
+        kind = field_type(TrainOptions, f)
+        help_text = f"{field_doc(f.name, TrainOptions)} (TrainOptions default: {f.default})".replace("%", "%%")
+        flag = f"--{f.name.replace('_', '-')}"
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, dest=f.name, default=None, help=help_text, choices=choices,
+                               metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
+                               type=lambda text, n=f.name, k=kind: _parse_value(n, k, text))
+
+
 def add_train_parser(subparsers) -> None:
     presets_help = "; ".join(f"{name}: {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in PRESETS.items())
     p = subparsers.add_parser(
         "train", help="train DINO on a data set (the main job)",
-        description="Train DINO; resume with --resume RUN_DIR. Presets: " + presets_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="small32_resnet", choices=sorted(PRESETS), help="base configuration")
+        description="Train DINO; resume with --resume RUN_DIR. Settings, later ones winning: the preset, the "
+                    "--config file, the flags. Presets: " + presets_help)
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help=f"base configuration (default: the config file's preset, else {DEFAULT_PRESET})")
+    p.add_argument("--config", metavar="FILE",
+                   help="settings file: TOML with an optional top-level preset and [config] (DinoConfig) and "
+                        "[options] (TrainOptions) tables, or any run's run.json; flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
-    # Defaults come from TrainOptions (set below), so the CLI and `fdino.train.run` cannot drift.
-    p.add_argument("--data", help="shapes10 (built in), cifar10, cifar100, stl10, fashion-mnist, or an image folder")
-    p.add_argument("--data-root", help="where torchvision data sets / IDX files are")
-    p.add_argument("--download", action="store_true", help="let torchvision download the data set")
-    p.add_argument("--run-dir", help="output folder (default runs/<data>-<preset>)")
-    p.add_argument("--device", choices=DEVICES, help="where to train")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="use the eager step instead of torch.compile (debugging, or very short runs)")
-    p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--log-every", type=int, help="steps between metric logs")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept")
-    p.add_argument("--eval-every", type=int, help="steps between k-NN evaluations (0: start and end)")
-    p.add_argument("--knn-k", type=int, help="k of the k-NN evaluation")
-    p.add_argument("--eval-samples", type=int, help="memory-bank images for k-NN (0: all)")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (0: whole schedule)")
-    p.add_argument("--max-minutes", type=float, help="stop after this much wall time (0: none)")
-    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact resume)")
-    p.add_argument("--attention-images", type=int, help="images with attention maps at the end")
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(**{f.name: f.default for f in dataclasses.fields(TrainOptions) if f.name != "run_dir"}, run_dir=None)
+    _add_option_flags(p)
     _add_config_flags(p)
     p.set_defaults(func=run_train)
 
 
-def _explicit(argv: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
+def new_run_settings(args: argparse.Namespace) -> tuple[DinoConfig, TrainOptions]:
+    """(config, options) of a new run from parsed ``fdino train`` arguments: preset < --config file < flags."""
+    file = config_file(args.config) if args.config else {"preset": None, "config": {}, "options": {}}
+    preset = args.preset or file["preset"] or DEFAULT_PRESET
+    cfg = DinoConfig.from_dict({**presets.preset(preset).to_dict(), **file["config"], **_config_overrides(args)})
+    options = {**file["options"], **_given_options(args)}
+    if "run_dir" not in options:
+        data = options.get("data", TrainOptions.data)
+        options["run_dir"] = f"runs/{data.strip('/').replace('/', '_')}-{preset}"
+    return cfg, TrainOptions(**options)
+
+
+def train_settings(argv: list[str]) -> tuple[DinoConfig, TrainOptions]:
+    """What ``fdino train ARGV`` would start a new run with; reads the --config file, trains nothing."""
+    return new_run_settings(build_parser().parse_args(["train", *argv]))
 
 
 def run_train(args: argparse.Namespace) -> int:
     from . import train
 
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    argv = getattr(args, "_argv", [])
     try:
         if args.resume:
-            if overrides:
-                raise ValueError(f"--resume takes the run's saved config; drop {sorted(overrides)}")
-            runtime = {name: getattr(args, name) for name in train.RESUMABLE_OVERRIDES
-                       if _explicit(argv, "--" + name.replace("_", "-")) or (
-                           name in ("compile", "tensorboard", "progress") and getattr(args, name) is False)}
-            train.resume(args.resume, **runtime)
+            given = sorted(_config_overrides(args)) + [f"--{n}" for n in ("preset", "config") if getattr(args, n)]
+            if given:
+                raise ValueError(f"--resume takes the run's saved config; drop {given}")
+            train.resume(args.resume, **_given_options(args))
             return 0
-        cfg = PRESETS[args.preset](**overrides)
-        run_dir = args.run_dir or f"runs/{args.data.strip('/').replace('/', '_')}-{args.preset}"
-        fields = {f.name for f in dataclasses.fields(train.TrainOptions)}
-        opts = train.TrainOptions(**{k: v for k, v in vars(args).items() if k in fields and k != "run_dir"},
-                                  run_dir=run_dir)
+        cfg, opts = new_run_settings(args)
         train.run(cfg, opts, overwrite=args.overwrite)
         return 0
     except train.NonFiniteLossError as err:
@@ -165,18 +169,43 @@ def run_train(args: argparse.Namespace) -> int:
         return 2
 
 
+# Subcommand modules, and the extra (pyproject optional-dependencies) whose packages they may import.
+_SUBCOMMANDS = {"fdino.eval.cli": None, "fdino.export.cli": "export", "fdino.serve.cli": "serve"}
+_EXTRA_PACKAGES = {"export": ("onnx", "onnxruntime", "onnxscript"),
+                   "serve": ("fastapi", "uvicorn", "multipart", "python_multipart")}
+_EXTRA_COMMANDS = {"export": ("export", "quantize"), "serve": ("serve",)}
+
+
+def _register_unavailable(sub, extra: str, missing: str) -> None:
+    """Commands of ``extra`` that explain what to install instead of running."""
+    message = f"needs the optional package {missing!r}: pip install 'fdino[{extra}]'"
+
+    def unavailable(args: argparse.Namespace) -> int:
+        print(f"fdino {args.command}: {message}", file=sys.stderr)
+        return 2
+
+    for command in _EXTRA_COMMANDS[extra]:
+        p = sub.add_parser(command, help=f"(unavailable: {message})", description=message)
+        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=unavailable)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fdino", description="fast, pure-functional DINO")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
     add_train_parser(sub)
-    for module in ("fdino.eval.cli", "fdino.export.cli", "fdino.serve.cli"):
+    for module, extra in _SUBCOMMANDS.items():
         try:
-            mod = __import__(module, fromlist=["register"])
+            mod = importlib.import_module(module)
         except ModuleNotFoundError as err:
-            if err.name and err.name.startswith("fdino"):
-                continue  # that part of fdino is not installed in this checkout
-            raise
+            # Only a missing third-party package of the module's optional extra disables its commands;
+            # anything else (an error inside fdino above all) must surface.
+            top = (err.name or "").split(".")[0]
+            if extra is None or top not in _EXTRA_PACKAGES[extra]:
+                raise
+            _register_unavailable(sub, extra, top)
+            continue
         mod.register(sub)
     return parser
 
@@ -185,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    args._argv = argv
     return int(args.func(args) or 0)
 
 

@@ -8,6 +8,7 @@ per config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -264,16 +265,18 @@ def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(DinoConfig))
 
 
-def field_doc(name: str) -> str:
-    """The one-line docstring written under a field (parsed from this file's source)."""
-    return _FIELD_DOCS.get(name, "")
+def field_doc(name: str, cls: type = DinoConfig) -> str:
+    """The one-line docstring written under a field of dataclass ``cls`` (parsed from its source)."""
+    return _field_docs(cls).get(name, "")
 
 
-def _parse_field_docs() -> dict[str, str]:
+@functools.cache
+def _field_docs(cls: type) -> dict[str, str]:
     import ast
     import inspect
+    import textwrap
 
-    tree = ast.parse(inspect.getsource(DinoConfig))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
@@ -282,5 +285,4 @@ def _parse_field_docs() -> dict[str, str]:
     return docs
 
 
-_FIELD_DOCS = _parse_field_docs()
 __all__ = ["DinoConfig", "config_fields", "field_doc", "PRECISIONS"]

@@ -13,6 +13,7 @@ bitwise equal to an uninterrupted one (CPU, deterministic mode).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -27,9 +28,11 @@ from . import checkpoint as ckpt
 from .config import DinoConfig
 from .diagnostics import collapse_report
 from .distributed import DistInfo, broadcast_state_, init_from_env, mean_reducer, shutdown
+from .loop_state import LoopState, StepTimer
+from .run_log import MetricsLog, finish_report
 from .state import TrainState, init_state
 from .step import train_step, train_step_eager
-from .train_report import EvalSets, MetricsLog, evaluate_knn, finish_report
+from .train_eval import EvalSets, evaluate_knn, save_attention
 
 
 class NonFiniteLossError(RuntimeError):
@@ -50,8 +53,8 @@ class TrainOptions:
     download: bool = False
     """Let torchvision download a missing data set (needs a network)."""
     run_dir: str = "runs/demo"
-    """Folder for checkpoints, logs, plots."""
-    device: str = "auto"
+    """Folder for checkpoints, logs, plots (`fdino train` without it: runs/<data>-<preset>)."""
+    device: str = dataclasses.field(default="auto", metadata={"choices": DEVICES})
     """'auto' (CUDA if present, else CPU), 'cuda' or 'cpu'."""
     compile: bool = True
     """Use the compiled train_step (torch.compile); off: the eager reference step."""
@@ -172,13 +175,14 @@ def _train_process(cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_f
 
     # --- state ---------------------------------------------------------------------------------------
     if resume_from is None:
-        state, loop = init_state(cfg, device=device), {"step": 0, "elapsed": 0.0, "images": 0, "history": []}
+        state, loop = init_state(cfg, device=device), LoopState(steps_per_epoch=steps_per_epoch)
     else:
-        state, loop = ckpt.load_checkpoint(resume_from, device=device)
+        state, saved_loop = ckpt.load_checkpoint(resume_from, device=device)
         if state.cfg != cfg:
             raise ValueError(f"{resume_from} was written with another config than {run_dir / 'run.json'}")
-        if int(state.step) != loop["step"]:
-            raise ValueError(f"{resume_from} is inconsistent: state.step={int(state.step)} but loop step={loop['step']}")
+        loop = LoopState.from_dict(saved_loop, steps_per_epoch=steps_per_epoch)
+        if int(state.step) != loop.step:
+            raise ValueError(f"{resume_from} is inconsistent: state.step={int(state.step)} but loop step={loop.step}")
     reducer = None
     if info.enabled:
         broadcast_state_(state)
@@ -188,82 +192,75 @@ def _train_process(cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_f
     step_fn = train_step if opts.compile else train_step_eager
 
     # --- outputs (rank 0 only) -----------------------------------------------------------------------
-    log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=opts.tensorboard, purge_step=loop["step"])
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            if overwrite:
-                for old in ckpt.list_checkpoints(run_dir):
-                    old.unlink()
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            meta = {"config": cfg.to_dict(), "options": opts.to_dict()}
-            (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=opts.tensorboard, purge_step=loop.step)
+    if info.is_main and resume_from is None:
+        _start_run_folder(run_dir, cfg, opts, overwrite=overwrite)
     evals = EvalSets.build(opts, cfg, device) if info.is_main else None
+    knn_on = evals is not None and evals.labeled
 
     # --- evaluation at initialization ----------------------------------------------------------------
-    if evals is not None and evals.labeled and "knn_init" not in loop:
-        loop["knn_init"] = evaluate_knn(evals, state)
-        loop["knn_raw_pixels"] = evals.raw_pixel_knn()
-        loop["history"].append({"step": 0, "knn_top1": loop["knn_init"]})
+    if knn_on and loop.knn_init is None:
+        knn_init = evaluate_knn(evals, state)
+        loop = dataclasses.replace(loop, knn_init=knn_init, knn_raw_pixels=evals.raw_pixel_knn()).with_knn(0, knn_init)
 
     # --- loop ----------------------------------------------------------------------------------------
     total = cfg.total_steps if opts.max_steps <= 0 else min(opts.max_steps, cfg.total_steps)
-    step = loop["step"]
-    epoch, start_batch = divmod(step, steps_per_epoch)
-    started = time.perf_counter()
-    timing = {"first_step_s": None, "steady_start": None, "steady_steps": 0}
-    bar = _progress_bar(total, step, enabled=opts.progress and info.is_main)
+    elapsed_before = loop.elapsed  # wall time of the processes before this one
+    timer = StepTimer.start()
+    bar = _progress_bar(total, loop.step, enabled=opts.progress and info.is_main)
     last_values: dict[str, float] = {}
     try:
-        while step < total:
-            for crops, _labels in loader.epoch(epoch, start_batch):
-                crops = [c.to(device, non_blocking=True) for c in crops]
-                t_step = time.perf_counter()
-                state, metrics = step_fn(state, crops, reducer=reducer, world_size=info.world_size)
-                step += 1
-                loop["images"] += cfg.batch_size
-                if timing["first_step_s"] is None:
-                    float(metrics["loss"])  # the first step includes compilation: time it alone
-                    timing["first_step_s"] = time.perf_counter() - t_step
-                    timing["steady_start"] = time.perf_counter()
-                else:
-                    timing["steady_steps"] += 1
-                bar.update(1)
-                if step % opts.log_every == 0 or step == total:
-                    last_values = _read_metrics(metrics, step, run_dir, info)
-                    log.write(step, epoch, last_values, images_per_s=_rate(timing, cfg.batch_size))
-                    bar.set_postfix(loss=f"{last_values['loss']:.3f}", lr=f"{last_values['lr']:.2e}",
-                                    T_t=f"{last_values['teacher_temp']:.3f}",
-                                    img_s=f"{_rate(timing, cfg.batch_size):.0f}", refresh=False)
-                    _check_collapse(last_values, cfg, loop, log, bar)
-                if evals is not None and evals.labeled and opts.eval_every and step % opts.eval_every == 0:
-                    top1 = evaluate_knn(evals, state)
-                    loop["history"].append({"step": step, "knn_top1": top1})
-                    log.scalar("knn/top1", top1, step)
-                    bar.write(f"step {step}: teacher {opts.knn_k}-NN top-1 {top1:.2f}%")
-                out_of_time = opts.max_minutes > 0 and (time.perf_counter() - started) > 60 * opts.max_minutes
-                if step % opts.ckpt_every == 0 or step == total or out_of_time:
-                    _save(run_dir, state, metrics, loop, step, epoch, steps_per_epoch, started, info, opts)
-                if step >= total or out_of_time:
-                    break
-            else:
-                epoch, start_batch = epoch + 1, 0
-                continue
-            break
+        for _, epoch, crops, _labels in itertools.islice(loader.steps(loop.step), max(total - loop.step, 0)):
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            step_started = time.perf_counter()
+            state, metrics = step_fn(state, crops, reducer=reducer, world_size=info.world_size)
+            if timer.first_step_s is None:
+                float(metrics["loss"])  # the first step includes compilation: wait for it to time it alone
+            timer = timer.after_step(step_started)
+            loop = loop.after_step(images=cfg.batch_size)
+            step = loop.step
+            bar.update(1)
+            if step % opts.log_every == 0 or step == total:
+                last_values = _read_metrics(metrics, step, run_dir)
+                loop = _log_reading(last_values, step, epoch, cfg, loop, timer, log, bar)
+            if knn_on and opts.eval_every and step % opts.eval_every == 0:
+                loop = loop.with_knn(step, evaluate_knn(evals, state))
+                log.scalar("knn/top1", loop.knn_history[-1].top1, step)
+                bar.write(f"step {step}: teacher {opts.knn_k}-NN top-1 {loop.knn_history[-1].top1:.2f}%")
+            out_of_time = opts.max_minutes > 0 and timer.seconds() > 60 * opts.max_minutes
+            if step % opts.ckpt_every == 0 or step == total or out_of_time:
+                loop = dataclasses.replace(loop, elapsed=elapsed_before + timer.seconds())
+                _save(run_dir, state, metrics, loop, info, opts)
+            if out_of_time:
+                break
     finally:
         bar.close()
         log.close()
-    loop["elapsed"] = loop.get("elapsed", 0.0) + (time.perf_counter() - started)
+    loop = dataclasses.replace(loop, elapsed=elapsed_before + timer.seconds())
 
-    # --- summary -------------------------------------------------------------------------------------
+    # --- summary (rank 0) ----------------------------------------------------------------------------
     if not info.is_main:
         return {}
-    timing_summary = {"first_step_s": timing["first_step_s"], "steady_images_per_s": _rate(timing, cfg.batch_size)}
-    return finish_report(run_dir, cfg, opts, state, loop, evals, timing_summary, skipped=loader.skipped,
-                         last_metrics=last_values)
+    if knn_on:
+        loop = loop.with_knn(loop.step, evaluate_knn(evals, state))
+    attention = save_attention(run_dir, evals, state, opts.attention_images)
+    return finish_report(run_dir, cfg, opts, loop, timer, knn_queries=len(evals.query) if knn_on else None,
+                         knn_split=evals.note if evals is not None else "", attention=attention,
+                         skipped=loader.skipped, last_metrics=last_values)
 
 
-def _read_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path, info: DistInfo) -> dict[str, float]:
+def _start_run_folder(run_dir: Path, cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool) -> None:
+    """run.json of a new run; with ``overwrite``, the old run's checkpoints and metrics go first."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for old in ckpt.list_checkpoints(run_dir):
+            old.unlink()
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    meta = {"config": cfg.to_dict(), "options": opts.to_dict()}
+    (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _read_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path) -> dict[str, float]:
     values = {k: float(v) for k, v in metrics.items()}  # the loop's only per-log host sync
     if not math.isfinite(values["loss"]):
         last = ckpt.list_checkpoints(run_dir)
@@ -275,42 +272,36 @@ def _read_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path, in
     return values
 
 
+def _log_reading(values: dict[str, float], step: int, epoch: int, cfg: DinoConfig, loop: LoopState,
+                 timer: StepTimer, log: MetricsLog, bar) -> LoopState:
+    """Write a metric reading to the log and the progress bar; warn once if it shows collapse."""
+    rate = timer.images_per_s(cfg.batch_size)
+    log.write(step, epoch, values, images_per_s=rate)
+    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", T_t=f"{values['teacher_temp']:.3f}",
+                    img_s=f"{rate:.0f}", refresh=False)
+    loop, warn = loop.with_collapse_reading(collapse_report(values, cfg.out_dim))
+    if warn:
+        warnings.warn(loop.collapse_warning, stacklevel=2)
+        bar.write(loop.collapse_warning)
+        log.event("collapse_warning", loop.collapse_warning)
+    return loop
+
+
 def _params_finite(state: TrainState) -> bool:
     norms = torch._foreach_norm(list(state.student.values()) + list(state.teacher.values()))
     return bool(torch.isfinite(torch.stack(norms)).all() and torch.isfinite(state.center).all())
 
 
-def _save(run_dir: Path, state: TrainState, metrics, loop: dict, step: int, epoch: int, steps_per_epoch: int,
-          started: float, info: DistInfo, opts: TrainOptions) -> None:
+def _save(run_dir: Path, state: TrainState, metrics: dict[str, torch.Tensor], loop: LoopState, info: DistInfo,
+          opts: TrainOptions) -> None:
     """Checkpoint on rank 0, only a state whose loss and parameters are finite."""
     if not info.is_main:
         return
-    _read_metrics(metrics, step, run_dir, info)
+    _read_metrics(metrics, loop.step, run_dir)
     if not _params_finite(state):
-        raise NonFiniteLossError(f"parameters became non-finite at step {step}; not saved, previous checkpoints kept")
-    loop = {**loop, "step": step, "elapsed": loop.get("elapsed", 0.0) + (time.perf_counter() - started)}
-    loop["epoch"], loop["batch"] = divmod(step, steps_per_epoch)
-    ckpt.save_checkpoint(run_dir, state, loop, keep=opts.keep_checkpoints)  # rank 0: no RNG offset
-
-
-def _rate(timing: dict, batch_size: int) -> float:
-    if not timing["steady_steps"]:
-        return 0.0
-    return timing["steady_steps"] * batch_size / max(time.perf_counter() - timing["steady_start"], 1e-9)
-
-
-# Readings in a row that must show collapse before warning: one noisy batch is not a collapse.
-COLLAPSE_READINGS = 3
-
-
-def _check_collapse(values: dict[str, float], cfg: DinoConfig, loop: dict, log: MetricsLog, bar) -> None:
-    message = collapse_report(values, cfg.out_dim)
-    loop["collapse_streak"] = loop.get("collapse_streak", 0) + 1 if message else 0
-    if message and loop["collapse_streak"] >= COLLAPSE_READINGS and not loop.get("collapse_warning"):
-        loop["collapse_warning"] = message
-        warnings.warn(message, stacklevel=2)
-        bar.write(message)
-        log.event("collapse_warning", message)
+        raise NonFiniteLossError(f"parameters became non-finite at step {loop.step}; not saved, previous "
+                                 "checkpoints kept")
+    ckpt.save_checkpoint(run_dir, state, loop.to_dict(), keep=opts.keep_checkpoints)  # rank 0: no RNG offset
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 
@@ -108,6 +109,19 @@ def test_resume_from_any_batch_equals_the_uninterrupted_tail(tiny):
         fresh = MultiCropLoader(tiny, TRANSFORM, batch_size=8, seed=5)  # as after a restart
         assert _same(_epoch(fresh, 2, start=k), full[k:])
     assert _epoch(loader, 2, start=len(loader)) == []
+
+
+def test_steps_cross_epochs_with_the_epoch_batches_from_any_start(tiny):
+    loader = MultiCropLoader(tiny, TRANSFORM, batch_size=8, seed=5)  # 5 batches per epoch
+    by_epoch = _epoch(loader, 0) + _epoch(loader, 1) + _epoch(loader, 2)
+    for start in (0, 3, 5, 7):  # epoch start, mid-epoch, the next epoch's start, mid next epoch
+        fresh = MultiCropLoader(tiny, TRANSFORM, batch_size=8, seed=5)  # as after a restart
+        got = list(itertools.islice(fresh.steps(start), 15 - start))
+        assert [s for s, *_ in got] == list(range(start, 15))
+        assert [e for _, e, *_ in got] == [s // 5 for s in range(start, 15)]
+        assert _same([(crops, labels) for *_, crops, labels in got], by_epoch[start:])
+    with pytest.raises(ValueError, match="start_step"):
+        next(loader.steps(-1))
 
 
 def test_same_seed_same_batches_and_epochs_differ(tiny):

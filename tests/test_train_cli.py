@@ -156,3 +156,35 @@ def test_bad_run_options_fail_before_any_work_naming_the_option(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"TrainOptions.{field}=" in err and "allowed" in err
     assert not run_dir.exists(), "nothing may be written for a run that cannot start"
+
+
+class _FailingImport:
+    """A meta-path finder that makes importing ``module`` fail as if ``missing`` were not installed."""
+
+    def __init__(self, module: str, missing: str) -> None:
+        self.module, self.missing = module, missing
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.module:
+            raise ModuleNotFoundError(f"No module named {self.missing!r}", name=self.missing)
+        return None
+
+
+def test_an_import_error_inside_fdino_surfaces_instead_of_hiding_a_subcommand(monkeypatch):
+    # fdino.eval.cli imports fdino.eval.knn: a broken module of fdino's own must not look like a missing extra.
+    monkeypatch.delitem(sys.modules, "fdino.eval.cli", raising=False)
+    monkeypatch.setitem(sys.modules, "fdino.eval.knn", None)
+    with pytest.raises(ModuleNotFoundError, match="fdino.eval.knn"):
+        cli.build_parser()
+
+
+def test_a_missing_optional_package_disables_its_commands_naming_the_extra(monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "fdino.serve.cli", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport("fdino.serve.cli", "fastapi"), *sys.meta_path])
+    assert cli.main(["serve", "runs/demo", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "'fastapi'" in err and "pip install 'fdino[serve]'" in err
+    # A package that is no optional extra's (here: torch) is not a reason to disable a command.
+    monkeypatch.setattr(sys, "meta_path", [_FailingImport("fdino.serve.cli", "torch"), *sys.meta_path[1:]])
+    with pytest.raises(ModuleNotFoundError, match="torch"):
+        cli.build_parser()

@@ -201,7 +201,8 @@ def _dataloader_kwargs(num_workers: int, pin_memory: bool | None, persistent_wor
 
 
 class MultiCropLoader(_SkipLog):
-    """Multi-crop batches by epoch: ``for crops, labels in loader.epoch(e, start_batch=k)``.
+    """Multi-crop batches by epoch, ``for crops, labels in loader.epoch(e, start_batch=k)``, or by
+    global step across epochs, ``for step, epoch, crops, labels in loader.steps(s)``.
 
     Each batch is ``(crops, labels)``: ``crops`` a list of V float tensors ``[B, 3, S_k, S_k]``
     (globals first, normalized), ``labels`` int64 ``[B]`` (-1 when unknown). ``batch_size`` is
@@ -233,6 +234,23 @@ class MultiCropLoader(_SkipLog):
         for crops, labels, skipped in self.dataloader:
             self._record(skipped)
             yield crops, labels
+
+    def steps(self, start_step: int = 0) -> Iterator[tuple[int, int, list[torch.Tensor], torch.Tensor]]:
+        """``(step, epoch, crops, labels)`` for global steps ``start_step, start_step + 1, ...``, endlessly.
+
+        Crosses epochs; the batches are those `epoch` gives (step s is batch ``s % len(self)`` of
+        epoch ``s // len(self)``), so a run resumed at step s sees what an uninterrupted one does.
+        The caller decides when to stop (e.g. ``itertools.islice``): nothing is loaded past that.
+        """
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step={start_step!r} is invalid: allowed an integer >= 0")
+        epoch, start_batch = divmod(start_step, len(self))
+        step = start_step
+        while True:
+            for crops, labels in self.epoch(epoch, start_batch):
+                yield step, epoch, crops, labels
+                step += 1
+            epoch, start_batch = epoch + 1, 0
 
 
 class EvalLoader(_SkipLog):

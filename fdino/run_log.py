@@ -1,0 +1,139 @@
+"""The run's record: metrics.jsonl and TensorBoard while it trains; curves.png, summary.json and the
+printed summary when it ends. Rank 0 writes; nothing here evaluates a model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import DinoConfig
+from .loop_state import LoopState, StepTimer
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per log step) and TensorBoard scalars, rank 0 only."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, purge_step: int) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                # purge_step drops events a killed run logged after its last checkpoint.
+                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step or None)
+
+    def write(self, step: int, epoch: int, values: dict[str, float], *, images_per_s: float) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "epoch": epoch, "time": time.time(), "images_per_s": images_per_s, **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+            self.writer.add_scalar("train/images_per_s", images_per_s, step)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self.enabled and self.writer is not None:
+            self.writer.add_scalar(name, value, step)
+
+    def event(self, kind: str, message: str) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": kind, "message": message, "time": time.time()}) + "\n")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The step records of metrics.jsonl (events left out), in the order written."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip()) if "step" in r]
+
+
+def save_curves(run_dir: Path, history: list[dict[str, Any]], records: list[dict[str, Any]]) -> Path:
+    """loss (left) and k-NN top-1 (right) against the step, as curves.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.8))
+    # A resumed run may have logged steps past its last checkpoint before dying: keep the last write.
+    by_step = {r["step"]: r for r in records}
+    steps = sorted(by_step)
+    ax_loss.plot(steps, [by_step[s]["loss"] for s in steps], color="tab:blue")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("DINO loss")
+    ax_loss.set_title("training loss")
+    if history:
+        ax_knn.plot([h["step"] for h in history], [h["knn_top1"] for h in history], "o-", color="tab:green")
+    ax_knn.set_xlabel("step")
+    ax_knn.set_ylabel("k-NN top-1 (%)")
+    ax_knn.set_title("teacher k-NN")
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def finish_report(run_dir: Path, cfg: DinoConfig, opts, loop: LoopState, timer: StepTimer, *,
+                  knn_queries: int | None, knn_split: str, attention: Path | None, skipped: dict[str, str],
+                  last_metrics: dict[str, float]) -> dict[str, Any]:
+    """Curves, summary.json and the printed summary of a finished run; returns the summary.
+
+    ``knn_queries``: held-out images of the k-NN evaluation (None: none ran; then the k-NN keys are
+    absent), whose final reading is the last of ``loop.knn_history``.
+    """
+    history = [{"step": r.step, "knn_top1": r.top1} for r in loop.knn_history]
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir), "data": opts.data, "arch": cfg.arch, "steps": loop.step,
+        "total_steps": cfg.total_steps, "images_seen": loop.images, "wall_time_s": round(loop.elapsed, 1),
+        "first_step_s": timer.first_step_s, "images_per_s": round(timer.images_per_s(cfg.batch_size), 1),
+        "skipped_files": len(skipped), "final_loss": last_metrics.get("loss"),
+        "collapse_warning": loop.collapse_warning,
+    }
+    if knn_queries is not None:
+        summary.update(knn_k=opts.knn_k, knn_top1_teacher=history[-1]["knn_top1"], knn_top1_init=loop.knn_init,
+                       knn_top1_raw_pixels=loop.knn_raw_pixels, knn_eval_images=knn_queries, knn_split=knn_split,
+                       knn_history=history)
+    summary["curves"] = str(save_curves(run_dir, history, read_metrics(run_dir)))
+    summary["attention"] = str(attention) if attention else None
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary, skipped))
+    return summary
+
+
+def format_summary(summary: dict[str, Any], skipped: dict[str, str]) -> str:
+    """The summary as the few lines printed at the end of a run."""
+    lines = [
+        "",
+        f"fdino run summary ({summary['run_dir']})",
+        f"  data {summary['data']}, backbone {summary['arch']}: {summary['steps']}/{summary['total_steps']} steps, "
+        f"{summary['images_seen']} images, {summary['wall_time_s']} s",
+        f"  speed: {summary['images_per_s']} images/s after the first step "
+        f"(first step incl. compilation: {summary['first_step_s'] or 0:.1f} s)",
+    ]
+    if summary.get("knn_top1_teacher") is not None:
+        k = summary["knn_k"]
+        lines.append(
+            f"  {k}-NN top-1 on {summary['knn_eval_images']} held-out images: teacher {summary['knn_top1_teacher']:.2f}% | "
+            f"same network at init {summary['knn_top1_init']:.2f}% | raw pixels {summary['knn_top1_raw_pixels']:.2f}%")
+    lines.append(f"  skipped files: {summary['skipped_files']}")
+    for path, reason in list(skipped.items())[:5]:
+        lines.append(f"    {path}: {reason}")
+    if summary.get("collapse_warning"):
+        lines.append(f"  {summary['collapse_warning']}")
+    lines.append(f"  curves: {summary['curves']}" + (f", attention maps: {summary['attention']}" if summary['attention'] else ""))
+    return "\n".join(lines)
