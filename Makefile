@@ -38,6 +38,21 @@ test-system-deps:
 test: $(STAMP) test-system-deps
 	$(PY) -m pytest -q
 
+# The same suite on the GPU machines' versions (torch 2.11.0, torchvision 0.26.0, triton 3.6.0) in a
+# second venv, pinned by constraints-torch211.txt; installed like $(STAMP) (about 5 GB, minutes).
+VENV_TORCH211 ?= .venv-torch211
+PY_TORCH211 := $(VENV_TORCH211)/bin/python
+STAMP_TORCH211 := $(VENV_TORCH211)/.fdino-installed
+
+$(STAMP_TORCH211): pyproject.toml constraints-torch211.txt
+	@test -x $(PY_TORCH211) || $(PYTHON) -m venv $(VENV_TORCH211)
+	$(PY_TORCH211) -m pip install -q -c constraints-torch211.txt -e ".[$(EXTRAS)]"
+	@touch $(STAMP_TORCH211)
+
+.PHONY: test-torch211
+test-torch211: $(STAMP_TORCH211) test-system-deps
+	$(PY_TORCH211) -m pytest -q
+
 # GPU benchmarks (skip cleanly without CUDA); results land in bench/results/.
 bench: $(STAMP)
 	$(PY) -m pytest -q bench
