@@ -130,16 +130,3 @@ def backbone_weights(state: TrainState, which: str = "teacher") -> dict[str, tor
     prefix = "backbone."
     return {k[len(prefix):]: v for k, v in {**params, **buffers}.items() if k.startswith(prefix)}
 
-
-def load_backbone(path: str | Path, *, which: str = "teacher", device: str | torch.device = "cpu"):
-    """``(backbone, cfg)`` from an fdino checkpoint or run folder: a timm module in eval mode.
-
-    The backbone is rebuilt without stochastic depth and loaded strictly (every key must match).
-    """
-    from .models import create_backbone
-
-    state, _ = load_checkpoint(path)
-    cfg = state.cfg
-    backbone = create_backbone(cfg.replace(grad_checkpointing=False), drop_path_rate=0.0)
-    backbone.load_state_dict(backbone_weights(state, which), strict=True)
-    return backbone.to(device).eval(), cfg

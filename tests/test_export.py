@@ -18,21 +18,10 @@ import torch
 from torch import nn
 
 import fdino
-from fdino.checkpoint import load_backbone, save_checkpoint
+from fdino.checkpoint import save_checkpoint
 from fdino.data import EvalTransform, build_dataset
-from fdino.export import (
-    ExportInfo,
-    OnnxBackbone,
-    compare_int8,
-    compare_onnx,
-    export_safetensors,
-    load_exported,
-    load_source,
-    onnx_session,
-    quantize_torch,
-    read_export_info,
-    time_forward,
-)
+from fdino.export import OnnxBackbone, compare_int8, compare_onnx, onnx_session, quantize_torch, time_forward
+from fdino.weights import ExportInfo, export_safetensors, load_model, read_export_info
 from fdino.export.cli import register
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="needs the export extras: pip install 'fdino[export]'")
@@ -75,8 +64,7 @@ def exported(run_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(run_dir):
-    backbone, _ = load_backbone(run_dir, which="teacher")
-    return backbone
+    return load_model(run_dir, which="teacher").backbone
 
 
 # --- safetensors ------------------------------------------------------------------------------------------
@@ -97,26 +85,27 @@ def test_safetensors_holds_config_and_rebuilds_the_teacher(exported, teacher):
     assert info == ExportInfo.from_json(json.dumps(json.loads((out / "backbone.json").read_text())))
     assert info.arch == "vit_tiny_patch16_224" and info.which == "teacher" and info.feature_dim == 32
     assert info.dino_config["patch_size"] == 4 and info.model_kwargs["embed_dim"] == 32
-    backbone, _ = load_exported(out / "backbone.safetensors")
+    backbone = load_model(out / "backbone.safetensors").backbone
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(backbone(x), teacher(x), rtol=0, atol=0)
     # Without the DinoConfig, model_kwargs alone rebuild it too (for non-fdino consumers).
     plain = info.__class__(**{**info.__dict__, "dino_config": None})
     export_safetensors(backbone, out.parent / "plain" / "b.safetensors", plain)
-    again, _ = load_exported(out.parent / "plain" / "b.safetensors")
+    again = load_model(out.parent / "plain" / "b.safetensors").backbone
     with torch.no_grad():
         torch.testing.assert_close(again(x), teacher(x), rtol=0, atol=0)
 
 
-def test_load_source_reads_the_export_and_the_student(exported, run_dir, teacher):
-    loaded = load_source(exported[0] / "backbone.safetensors")
-    assert loaded.model.image_size == 16 and loaded.info.which == "teacher"
-    student = load_source(run_dir, which="student")
-    assert student.info.which == "student"
+def test_load_model_reads_the_export_and_the_student(exported, run_dir, teacher):
+    loaded = load_model(exported[0] / "backbone.safetensors")
+    assert loaded.image_size == 16 and loaded.info.which == "teacher" and loaded.kind == "fdino-export"
+    assert loaded.cfg == load_model(run_dir).cfg  # the training config travels in the export
+    student = load_model(run_dir, which="student")
+    assert student.info.which == "student" and student.kind == "fdino-checkpoint"
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.model.backbone(x), teacher(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.backbone(x), teacher(x), rtol=0, atol=0)
 
 
 # --- ONNX -----------------------------------------------------------------------------------------------
@@ -214,5 +203,6 @@ def test_plain_export_of_safetensors_only(run_dir, tmp_path, teacher):
     code, stdout, _ = run_cli(["export", str(run_dir), "--out", str(tmp_path), "--formats", "safetensors",
                                "--which", "student"])
     assert code == 0 and "onnx" not in stdout
-    backbone, info = load_exported(tmp_path / "backbone.safetensors")
+    loaded = load_model(tmp_path / "backbone.safetensors")
+    backbone, info = loaded.backbone, loaded.info
     assert info.which == "student"

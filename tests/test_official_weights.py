@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from fdino.export import load_source
-from fdino.export.official import (
-    guess_timm_arch,
-    is_official_checkpoint,
-    load_official_backbone,
-    load_official_for_eval,
-    official_to_timm,
-    select_weights,
-    timm_to_official,
-    torch_load_official,
-)
+from fdino.weights import guess_timm_arch, load_model, timm_to_official, torch_load_safe, unwrap_state_dict
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,12 +144,13 @@ def test_vit_small_official_layouts_give_the_official_features(vit_small, layout
     else:
         student = {k: v + 0.01 for k, v in state.items()}  # a different network: must not be picked
         payload = full_checkpoint(student, state, arch="vit_small", patch=16, dim=384)
-    backbone, arch = load_official_backbone(payload, arch="vit_small_patch16_224")
-    assert arch == "vit_small_patch16_224" and backbone.num_features == 384
-    torch.testing.assert_close(features(backbone, images), want, rtol=1e-4, atol=1e-4)
+    loaded = load_model(payload, arch="vit_small_patch16_224")
+    assert loaded.info.arch == "vit_small_patch16_224" and loaded.backbone.num_features == 384
+    torch.testing.assert_close(features(loaded.backbone, images), want, rtol=1e-4, atol=1e-4)
     # The architecture is recognized without arch= (from the weights, or the checkpoint's args).
-    args = payload.get("args") if layout == "full_checkpoint" else None
-    assert guess_timm_arch(official_to_timm(select_weights(payload)), args) == "vit_small_patch16_224"
+    recognized = load_model(payload)
+    assert recognized.info.arch == "vit_small_patch16_224" and recognized.kind == "official"
+    torch.testing.assert_close(features(recognized.backbone, images), want, rtol=1e-4, atol=1e-4)
 
 
 def test_full_checkpoint_file_student_and_arch_from_args(vit_small, tmp_path):
@@ -168,41 +160,30 @@ def test_full_checkpoint_file_student_and_arch_from_args(vit_small, tmp_path):
     torch.save(full_checkpoint(student, state, arch="deit_small", patch=16, dim=384), path)  # old name: deit_*
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(path, weights_only=True)  # the args Namespace is why a plain weights_only load fails
-    assert is_official_checkpoint(path)
-    assert guess_timm_arch({}, torch_load_official(path)["args"]) == "vit_small_patch16_224"
-    backbone, arch = load_official_backbone(path, which="student")
-    assert arch == "vit_small_patch16_224"
+    assert guess_timm_arch({}, torch_load_safe(path)["args"]) == "vit_small_patch16_224"
+    loaded = load_model(path, which="student")
+    assert loaded.info.arch == "vit_small_patch16_224" and loaded.kind == "official"
     reference = OfficialViT().eval()
     reference.load_state_dict(student)
-    torch.testing.assert_close(features(backbone, images), features(reference, images), rtol=1e-4, atol=1e-4)
-    assert load_source(path, which="student").info.arch == "vit_small_patch16_224"
-    model = load_official_for_eval(path)  # the teacher, ready for evaluation
-    assert model.image_size == 224 and model.cfg is None
-    assert not any(p.requires_grad for p in model.backbone.parameters())
+    torch.testing.assert_close(features(loaded.backbone, images), features(reference, images), rtol=1e-4, atol=1e-4)
+    model = load_model(path)  # the teacher, ready for evaluation
+    assert model.image_size == 224 and model.cfg is None and model.info.which == "teacher"
+    assert not any(p.requires_grad for p in model.backbone.parameters()) and not model.backbone.training
     torch.testing.assert_close(features(model.backbone, images), want, rtol=1e-4, atol=1e-4)
+    # With --arch given, the Namespace still marks it official, and the same teacher loads.
+    named = load_model(path, arch="vit_small_patch16_224")
+    assert named.kind == "official"
+    torch.testing.assert_close(features(named.backbone, images), want, rtol=1e-4, atol=1e-4)
 
 
-def test_eval_loader_reads_official_teacher_files(vit_small, tmp_path):
-    """`fdino eval ... <official.pth> --arch vit_small_patch16_224` path: fdino.eval.loading."""
-    from fdino.eval.loading import load_model_for_eval
-
+def test_official_teacher_file_loads_with_and_without_arch(vit_small, tmp_path):
     state, want, images = vit_small
     torch.save({**timm_to_official(state, prefix="backbone."), **dino_head_keys(384, "")}, tmp_path / "teacher.pth")
-    model = load_model_for_eval(tmp_path / "teacher.pth", arch="vit_small_patch16_224")
+    model = load_model(tmp_path / "teacher.pth", arch="vit_small_patch16_224")
     torch.testing.assert_close(features(model.backbone, images), want, rtol=1e-4, atol=1e-4)
-    # fdino export / serve / quantize: the architecture is recognized, no --arch needed.
-    loaded = load_source(tmp_path / "teacher.pth")
+    loaded = load_model(tmp_path / "teacher.pth")  # the architecture is recognized, no --arch needed
     assert loaded.info.arch == "vit_small_patch16_224" and loaded.info.model_kwargs["patch_size"] == 16
-    torch.testing.assert_close(features(loaded.model.backbone, images), want, rtol=1e-4, atol=1e-4)
-
-
-def test_eval_loader_reads_full_official_checkpoints(vit_small, tmp_path):
-    from fdino.eval.loading import load_model_for_eval
-
-    state, want, images = vit_small
-    torch.save(full_checkpoint(state, state, arch="vit_small", patch=16, dim=384), tmp_path / "checkpoint.pth")
-    model = load_model_for_eval(tmp_path / "checkpoint.pth", arch="vit_small_patch16_224")
-    torch.testing.assert_close(features(model.backbone, images), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(features(loaded.backbone, images), want, rtol=1e-4, atol=1e-4)
 
 
 # --- ViT-B/16 and ResNet-50 ---------------------------------------------------------------------------------
@@ -210,9 +191,9 @@ def test_vit_base_release_file():
     torch.manual_seed(2)
     model = OfficialViT(dim=768, heads=12).eval()
     images = torch.randn(1, 3, 224, 224)
-    backbone, arch = load_official_backbone(model.state_dict())  # dino_vitbase16_pretrain.pth's layout
-    assert arch == "vit_base_patch16_224"
-    torch.testing.assert_close(features(backbone, images), features(model, images), rtol=1e-4, atol=1e-4)
+    loaded = load_model(model.state_dict())  # dino_vitbase16_pretrain.pth's layout
+    assert loaded.info.arch == "vit_base_patch16_224"
+    torch.testing.assert_close(features(loaded.backbone, images), features(model, images), rtol=1e-4, atol=1e-4)
 
 
 def _official_resnet50():
@@ -241,31 +222,36 @@ def test_resnet50_official_layouts(layout):
     else:  # ResNets train with SyncBN, so the official teacher is DDP-wrapped too: module.backbone.*
         payload = full_checkpoint(state, state, arch="resnet50", patch=16, dim=2048,
                                   teacher_prefix="module.backbone.")
-    backbone, arch = load_official_backbone(payload)
-    assert arch == "resnet50" and backbone.num_features == 2048
-    torch.testing.assert_close(features(backbone, images), features(model, images), rtol=1e-4, atol=1e-4)
+    loaded = load_model(payload)
+    assert loaded.info.arch == "resnet50" and loaded.backbone.num_features == 2048 and loaded.image_size == 224
+    torch.testing.assert_close(features(loaded.backbone, images), features(model, images), rtol=1e-4, atol=1e-4)
 
 
 # --- key mapping and errors ---------------------------------------------------------------------------------
-def test_key_mapping_round_trip_and_head_dropped(vit_small):
+def test_unwrapping_strips_every_wrapper_and_keeps_the_tensors(vit_small):
     state = vit_small[0]
     official = {**timm_to_official(state, prefix="module.backbone."), **dino_head_keys(384, "module.")}
-    back = official_to_timm(official)
-    assert set(back) == set(state)
+    back = unwrap_state_dict(official)
+    assert set(back) == set(state) | {k.removeprefix("module.") for k in dino_head_keys(384, "module.")}
     assert all(back[k] is state[k] for k in state)
+    # The head keys are left for the builder, which drops them silently: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_model(official)
+    assert set(loaded.backbone.state_dict()) == set(state)
 
 
 def test_wrong_arch_names_the_mismatch(vit_small):
     state = vit_small[0]
     with pytest.raises(ValueError, match=r"vit_base_patch16_224.*shape mismatch.*vit_small_patch16_224"):
-        load_official_backbone(dict(state), arch="vit_base_patch16_224")
+        load_model(dict(state), arch="vit_base_patch16_224")
     broken = {k: v for k, v in state.items() if k != "blocks.3.attn.qkv.weight"}
     with pytest.raises(ValueError, match=r"missing \['blocks.3.attn.qkv.weight'\]"):
-        load_official_backbone(broken, arch="vit_small_patch16_224")
+        load_model(broken, arch="vit_small_patch16_224")
     with pytest.raises(ValueError, match="no state dict of tensors"):
-        load_official_backbone({"epoch": 3, "args": argparse.Namespace()}, arch="vit_small_patch16_224")
+        load_model({"epoch": 3, "args": argparse.Namespace()}, arch="vit_small_patch16_224")
     with pytest.raises(ValueError, match="which="):
-        load_official_backbone(dict(state), which="ema")
+        load_model(dict(state), which="ema")
 
 
 @pytest.mark.parametrize("width, patch, arch", [(192, 16, "vit_tiny_patch16_224"), (384, 8, "vit_small_patch8_224"),
@@ -278,9 +264,12 @@ def test_guess_arch_from_weights(width, patch, arch):
     assert math.isqrt(n) * patch == 224
 
 
-def test_is_official_checkpoint_is_false_for_other_files(tmp_path):
+def test_files_that_are_not_official_say_so(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "plain.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    assert not is_official_checkpoint(tmp_path / "plain.pth")
-    assert not is_official_checkpoint(tmp_path / "junk.pth")
-    assert not is_official_checkpoint(Path(tmp_path))
+    with pytest.raises(ValueError, match=r"not an fdino checkpoint or export.*arch="):
+        load_model(tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="not a readable weights file"):
+        load_model(tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(Path(tmp_path))  # a folder without ckpt-*.pt

@@ -28,7 +28,7 @@ from PIL import Image  # noqa: E402
 import fdino  # noqa: E402
 from fdino.checkpoint import save_checkpoint  # noqa: E402
 from fdino.data import build_dataset  # noqa: E402
-from fdino.export.sources import load_source  # noqa: E402
+from fdino.weights import ExportInfo, LoadedModel, load_model  # noqa: E402
 from fdino.serve import (  # noqa: E402
     BackgroundServer,
     BatchQueue,
@@ -78,13 +78,13 @@ def images(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    return load_source(run_dir)
+    return load_model(run_dir)
 
 
 @pytest.fixture(scope="module")
 def service(loaded, images, tmp_path_factory):
     config = ServiceConfig(max_upload_bytes=64 * 1024, max_pixels=512 * 512, max_wait_ms=20.0, max_batch=32)
-    svc = FeatureService(loaded.model, images, arch=loaded.info.arch, config=config,
+    svc = FeatureService(loaded, images, arch=loaded.info.arch, config=config,
                          cache_dir=tmp_path_factory.mktemp("cache"))
     svc.refresh()
     yield svc
@@ -119,7 +119,7 @@ def test_embed_returns_the_backbone_feature(client, loaded, images):
     r = client.post("/embed", files=upload(path))
     assert r.status_code == 200, r.text
     got = torch.tensor(r.json()["feature"])
-    m = loaded.model
+    m = loaded
     from fdino.data import EvalTransform, load_rgb
 
     with torch.no_grad():
@@ -235,9 +235,8 @@ class TinyCNN(torch.nn.Module):
 
 
 def test_service_without_folder_or_vit(loaded):
-    from fdino.eval.loading import EvalModel
-
-    cnn = EvalModel(TinyCNN().eval(), None, loaded.model.mean, loaded.model.std, 32)
+    cnn = LoadedModel(TinyCNN().eval(), ExportInfo(arch="tiny-cnn", image_size=32, mean=loaded.mean, std=loaded.std),
+                      "timm")
     svc = FeatureService(cnn, None, arch="tiny-cnn")
     try:
         with TestClient(create_app(svc)) as c:
@@ -355,7 +354,7 @@ def test_index_cache_reuses_rows_and_refreshes_changed_files(loaded, tmp_path):
     folder = tmp_path / "imgs"
     paths = write_images(folder, n=5)
     (folder / "bad.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
-    m = loaded.model
+    m = loaded
     cache = tmp_path / "cache" / "index.safetensors"
 
     def make(key="model-a"):

@@ -29,7 +29,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 import fdino  # noqa: E402
 from fdino.checkpoint import save_checkpoint  # noqa: E402
-from fdino.export.sources import load_source  # noqa: E402
+from fdino.weights import load_model  # noqa: E402
 from fdino.serve import BackgroundServer, FeatureService, ServiceConfig, create_app  # noqa: E402
 
 from test_serve import write_images  # noqa: E402  (tests/ is on sys.path)
@@ -46,8 +46,8 @@ def server(tmp_path_factory):
     save_checkpoint(run, fdino.init_state(fdino.presets.smoke(global_crop_size=32, local_crop_size=16)))
     images = tmp_path_factory.mktemp("images")
     write_images(images, n=8)
-    loaded = load_source(run)
-    service = FeatureService(loaded.model, images, arch=loaded.info.arch, cache_dir=tmp_path_factory.mktemp("cache"),
+    loaded = load_model(run)
+    service = FeatureService(loaded, images, arch=loaded.info.arch, cache_dir=tmp_path_factory.mktemp("cache"),
                              config=ServiceConfig(max_upload_bytes=256 * 1024))
     service.refresh()
     with BackgroundServer(create_app(service)) as url:

@@ -5,15 +5,16 @@ the network attends to (CLS attention maps and masks, patch-feature PCA), map th
 (PCA / t-SNE), and embed and search image folders. The math is in pure functions; files are
 read and written only by the ``save_*`` functions and the CLI (`fdino.eval.cli`).
 
-Used by the trainer during and after training::
+Models come from `fdino.weights.load_model` (a run, a checkpoint, an export, official or timm weights)::
 
-    from fdino.eval import backbone_from_state, extract_features, knn_classify, raw_pixel_knn
-    backbone = backbone_from_state(state)                       # the teacher, sharing the state's tensors
-    bank, bank_y = extract_features(backbone, memory_loader, device=device)
-    query, query_y = extract_features(backbone, query_loader, device=device)
+    from fdino.eval import extract_features, knn_classify, raw_pixel_knn, save_attention_grid
+    from fdino.weights import load_model
+    model = load_model("runs/demo")                             # the teacher, frozen
+    bank, bank_y = extract_features(model.backbone, memory_dataset, transform=...)
+    query, query_y = extract_features(model.backbone, query_dataset, transform=...)
     knn_classify(bank, bank_y, query, query_y, ks=(20,))      # {20: {"top1": %, "top5": %}}
     raw_pixel_knn(memory_dataset, query_dataset, ks=(20,))      # the same on centered raw pixels
-    save_attention_grid(backbone, images, "attn.png", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    save_attention_grid(model.backbone, images, "attn.png", mean=model.mean, std=model.std)
     representation_stats(query)   # {"mean_cosine", "normalized_std", "effective_rank"}: collapse signs
 """
 
@@ -22,7 +23,6 @@ from .embed import Embeddings, embed_folder, embed_paths, load_embeddings, save_
 from .features import batch_features, extract_features, raw_pixel_features, raw_pixel_knn
 from .knn import PAPER_KS, PAPER_TEMPERATURE, center_features, knn_classify, knn_topk, knn_vote, topk_accuracy
 from .linear import LinearProbe, linear_eval_images, linear_probe, probe_accuracy, train_linear_probe
-from .loading import IMAGENET_MEAN, IMAGENET_STD, EvalModel, backbone_from_state, load_model_for_eval
 from .stats import representation_stats
 from .tsne import tsne
 from .viz import patch_pca_rgb, patch_tokens, pca, save_patch_pca, save_scatter
@@ -38,6 +38,4 @@ __all__ = [
     "patch_tokens", "patch_pca_rgb", "save_patch_pca",
     # embeddings and search
     "Embeddings", "embed_paths", "embed_folder", "save_embeddings", "load_embeddings", "search", "save_search_grid",
-    # loading
-    "EvalModel", "load_model_for_eval", "backbone_from_state", "IMAGENET_MEAN", "IMAGENET_STD",
 ]

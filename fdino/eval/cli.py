@@ -2,14 +2,14 @@
 
 `register(subparsers)` adds the commands to the main ``fdino`` parser (`fdino.cli`); each command
 sets ``func(args) -> exit code``. ``python -m fdino.eval.cli ...`` runs them stand-alone.
-Every command reads its model with `load_model_for_eval`: an fdino run folder / ``ckpt-*.pt``,
-or plain timm weights with ``--arch``.
+Every command reads its model with `fdino.weights.load_model` and takes the same model arguments
+(`fdino.weights.cli_args`): an fdino run or checkpoint, an fdino export, official DINO weights, or
+timm weights with ``--arch``.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
 import json
 import sys
@@ -36,20 +36,11 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 # --- shared arguments -----------------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser, *, optional: bool = False, flag: bool = False) -> None:
-    what = "an fdino run folder or ckpt-*.pt file, or backbone weights (.pt/.pth/.safetensors) with --arch"
-    if flag:
-        p.add_argument("--model", help=what + " (default: the model named in the embeddings file)")
-    else:
-        p.add_argument("model", nargs="?" if optional else None, help=what)
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", help="timm model name for plain weights (e.g. vit_small_patch16_224)")
-    g.add_argument("--patch-size", type=int, help="ViT patch size of plain weights (default: from the weights)")
-    g.add_argument("--img-size", type=int,
-                   help="evaluation resolution (default: the training crop size / the ViT's img_size; 224 for CNNs)")
-    g.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra timm.create_model arguments for plain weights, e.g. embed_dim=384 depth=12")
-    g.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                   help="which network of an fdino checkpoint (the paper evaluates the teacher)")
+    from ..weights.cli_args import add_model_arguments  # noqa: PLC0415
+
+    default = " (default: the model named in the embeddings file)" if flag else ""
+    add_model_arguments(p, optional=optional, as_flag=flag, default_help=default)
+    g = p.add_argument_group("running")
     g.add_argument("--device", default=_DEVICE, help="torch device")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     g.add_argument("--num-workers", type=int, default=0, help="data loading processes")
@@ -70,25 +61,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
 
 
-def _parse_kwargs(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--model-kwargs entry {item!r} is not KEY=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
 def _load_model(args: argparse.Namespace):
-    from .loading import load_model_for_eval  # noqa: PLC0415
+    from ..weights.cli_args import model_from_args  # noqa: PLC0415
 
-    return load_model_for_eval(args.model, arch=args.arch, which=args.which, device=args.device,
-                               patch_size=args.patch_size, img_size=args.img_size,
-                               model_kwargs=_parse_kwargs(args.model_kwargs))
+    return model_from_args(args, device=args.device)
 
 
 def _split(args: argparse.Namespace, role: str):
@@ -223,14 +199,14 @@ def run_attention(args: argparse.Namespace) -> int:
 
 @_friendly
 def run_embed(args: argparse.Namespace) -> int:
+    from ..weights.cli_args import model_args_record  # noqa: PLC0415
     from .embed import embed_folder, save_embeddings  # noqa: PLC0415
 
     model = _load_model(args)
     emb, skipped = embed_folder(model.backbone, args.folder, image_size=model.image_size, mean=model.mean,
                                 std=model.std, batch_size=args.batch_size, device=args.device,
                                 n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, num_workers=args.num_workers)
-    emb.info["model"] = {"source": str(Path(args.model).resolve()), "arch": args.arch, "which": args.which,
-                         "patch_size": args.patch_size, "img_size": args.img_size, "model_kwargs": args.model_kwargs}
+    emb.info["model"] = model_args_record(args, str(Path(args.model).resolve()))
     path = save_embeddings(args.out, emb)
     for p, reason in skipped.items():
         print(f"skipped unreadable {p}: {reason}", file=sys.stderr)

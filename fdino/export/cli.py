@@ -16,13 +16,9 @@ FORMATS = ("safetensors", "onnx")
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="fdino run folder or ckpt-*.pt; an fdino .safetensors export; or pretrained "
-                                  "weights (.pth/.pt/.safetensors, official DINO checkpoints included) with --arch")
-    p.add_argument("--arch", default=None, help="timm model name for plain/official weights, e.g. "
-                                                "vit_small_patch16_224, vit_base_patch16_224, resnet50 (official "
-                                                "checkpoints: inferred when omitted)")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                   help="network of a training checkpoint to use (default: teacher, the one the paper evaluates)")
+    from ..weights.cli_args import add_model_arguments  # noqa: PLC0415
+
+    add_model_arguments(p, dest="source")
 
 
 def _add_knn_args(p: argparse.ArgumentParser) -> None:
@@ -51,9 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="output folder (default: RUN_DIR/export for run folders, else SOURCE_STEM-export beside it)")
     p.add_argument("--formats", default="safetensors,onnx",
                    help="comma-separated subset of safetensors,onnx (default: both)")
-    p.add_argument("--image-size", type=int, default=None, help="example/fixed input side (default: the model's "
-                                                                "evaluation size)")
-    p.add_argument("--fixed-size", action="store_true", help="fix H and W in the ONNX graph (batch stays dynamic)")
+    p.add_argument("--fixed-size", action="store_true", help="fix H and W (the model's input size, --img-size) in the ONNX graph; the batch stays dynamic")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's choice)")
     p.add_argument("--int8", action="store_true", help="also write backbone.int8.onnx (onnxruntime dynamic int8) "
                                                        "and print its k-NN top-1 change and speed-up")
@@ -99,9 +93,9 @@ def _extras_error() -> int | None:
 
 
 def _load(args: argparse.Namespace):
-    from .sources import load_source  # noqa: PLC0415
+    from ..weights.cli_args import model_from_args  # noqa: PLC0415
 
-    return load_source(args.source, arch=args.arch, which=args.which)
+    return model_from_args(args, dest="source")
 
 
 def _knn_data(args: argparse.Namespace, loaded) -> tuple[Any, Any, Any]:
@@ -119,8 +113,7 @@ def _knn_data(args: argparse.Namespace, loaded) -> tuple[Any, Any, Any]:
             ds = build_dataset(args.data, split=role).dataset
             ds = Subset(ds, range(min(n, len(ds)))) if n else ds
         out.append(ds)
-    m = loaded.model
-    return out[0], out[1], EvalTransform(m.image_size, mean=m.mean, std=m.std)
+    return out[0], out[1], EvalTransform(loaded.image_size, mean=loaded.mean, std=loaded.std)
 
 
 def _set_threads(args: argparse.Namespace) -> int:
@@ -131,16 +124,14 @@ def _set_threads(args: argparse.Namespace) -> int:
     return torch.get_num_threads()
 
 
-def _export_and_check(loaded, out: Path, threads: int, *, image_size: int | None = None, dynamic: bool = True,
-                      opset: int | None = None):
+def _export_and_check(loaded, out: Path, threads: int, *, dynamic: bool = True, opset: int | None = None):
     """Write ``backbone.onnx``, compare with PyTorch, print the result; ``(path, check, onnx model)``."""
     from .onnx_export import OnnxBackbone, check_shapes, compare_onnx, export_onnx, onnx_session  # noqa: PLC0415
 
-    m = loaded.model
-    size = image_size or m.image_size
-    path = export_onnx(m.backbone, out / "backbone.onnx", image_size=size, dynamic_size=dynamic, opset=opset)
-    onnx_model = OnnxBackbone(onnx_session(path, threads=threads), m.backbone.num_features)
-    check = compare_onnx(m.backbone, onnx_model, check_shapes(m.backbone, size, dynamic))
+    backbone, size = loaded.backbone, loaded.image_size
+    path = export_onnx(backbone, out / "backbone.onnx", image_size=size, dynamic_size=dynamic, opset=opset)
+    onnx_model = OnnxBackbone(onnx_session(path, threads=threads), backbone.num_features)
+    check = compare_onnx(backbone, onnx_model, check_shapes(backbone, size, dynamic))
     verdict = "ok" if check.ok else "FAILED"
     print(f"onnx: {path} ({path.stat().st_size / 1e6:.2f} MB)")
     print(f"onnx check (onnxruntime CPU vs PyTorch, inputs {', '.join('x'.join(map(str, s)) for s in check.shapes)}): "
@@ -175,14 +166,14 @@ def run_export(args: argparse.Namespace) -> int:
     info = loaded.info
     print(f"model: {info.arch} ({info.which}), feature dim {info.feature_dim}, input {info.image_size} px")
     if "safetensors" in formats:
-        from .weights import export_safetensors  # noqa: PLC0415
+        from ..weights import export_safetensors  # noqa: PLC0415
 
-        st, sidecar = export_safetensors(loaded.model.backbone, out / "backbone.safetensors", info)
+        st, sidecar = export_safetensors(loaded.backbone, out / "backbone.safetensors", info)
         print(f"safetensors: {st} ({st.stat().st_size / 1e6:.2f} MB), config: {sidecar}")
     status = 0
     if "onnx" in formats:
-        path, check, onnx_fp32 = _export_and_check(loaded, out, threads, image_size=args.image_size,
-                                                   dynamic=not args.fixed_size, opset=args.opset)
+        path, check, onnx_fp32 = _export_and_check(loaded, out, threads, dynamic=not args.fixed_size,
+                                                   opset=args.opset)
         status = 0 if check.ok else 1
         if args.int8:
             status = max(status, _int8_onnxruntime(loaded, path, onnx_fp32, args, threads))
@@ -195,7 +186,7 @@ def _int8_onnxruntime(loaded, fp32_path: Path, onnx_fp32, args: argparse.Namespa
 
     int8_path = quantize_onnx(fp32_path, fp32_path.with_name("backbone.int8.onnx"))
     print(f"int8 onnx: {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB)")
-    onnx_int8 = OnnxBackbone(onnx_session(int8_path, threads=threads), loaded.model.backbone.num_features)
+    onnx_int8 = OnnxBackbone(onnx_session(int8_path, threads=threads), loaded.backbone.num_features)
     memory, query, transform = _knn_data(args, loaded)
     report = compare_int8(onnx_fp32, onnx_int8, memory, query, transform=transform, backend="onnxruntime",
                           k=args.k, bench_batch=args.bench_batch)
@@ -223,7 +214,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if "torch" in backends:
         from .quantize import compare_int8, quantize_torch  # noqa: PLC0415
 
-        backbone = loaded.model.backbone.cpu()
+        backbone = loaded.backbone.cpu()
         try:
             int8 = quantize_torch(backbone)
         except RuntimeError as e:

@@ -1,6 +1,6 @@
 """fdino.serve: a feature service over HTTP with a search page (``fdino serve RUN_DIR --images FOLDER``).
 
-    service = FeatureService(load_source("runs/demo").model, "photos/")
+    service = FeatureService(fdino.weights.load_model("runs/demo"), "photos/")
     service.refresh()                          # embed the folder (or load it from the disk cache)
     app = create_app(service)                  # FastAPI; run with uvicorn on 127.0.0.1
 

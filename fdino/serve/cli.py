@@ -17,12 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "times; changed files are re-embedded on the next search). Endpoints: GET / (search page), "
                     "GET /health, POST /embed, POST /search, POST /attention (ViTs), GET /images/PATH. Concurrent "
                     "requests are batched into one forward pass.")
-    p.add_argument("source", help="fdino run folder or ckpt-*.pt, an fdino .safetensors export, or pretrained "
-                                  "weights with --arch (official DINO checkpoints included)")
+    from ..weights.cli_args import add_model_arguments  # noqa: PLC0415
+
+    add_model_arguments(p, dest="source")
     p.add_argument("--images", type=Path, default=None, help="folder of images to index and search (recursive)")
-    p.add_argument("--arch", default=None, help="timm model name for plain/official weights (e.g. vit_small_patch16_224)")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher",
-                   help="network of a training checkpoint (default: teacher)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
                                                        "0.0.0.0 exposes the service to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
@@ -40,14 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def build_service(args: argparse.Namespace):
     """The `FeatureService` described by parsed ``serve`` arguments, with its index up to date."""
-    from ..export.sources import load_source  # noqa: PLC0415
+    from ..weights.cli_args import model_args_record, model_from_args  # noqa: PLC0415
     from .service import FeatureService, ServiceConfig  # noqa: PLC0415
 
-    loaded = load_source(args.source, arch=args.arch, which=args.which, device=args.device)
+    loaded = model_from_args(args, dest="source", device=args.device)
     config = ServiceConfig(max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, refresh_interval=args.refresh_interval)
-    model_info = {"source": str(Path(args.source).resolve()), "arch": args.arch, "which": args.which}
-    return FeatureService(loaded.model, args.images, arch=loaded.info.arch, config=config, cache_dir=args.cache_dir,
+    model_info = model_args_record(args, str(Path(args.source).resolve()))
+    return FeatureService(loaded, args.images, arch=loaded.info.arch, config=config, cache_dir=args.cache_dir,
                           model_info=model_info)
 
 

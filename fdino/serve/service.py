@@ -98,11 +98,11 @@ class FeatureService:
     """A frozen backbone serving embeddings, nearest-image search over a folder, and attention maps.
 
     Args:
-        model: `fdino.eval.loading.EvalModel` (backbone, cfg, mean, std, image_size).
+        model: `fdino.weights.LoadedModel` (backbone, image_size, mean, std, ...).
         images: folder to index (None: /search is unavailable).
         arch: display name of the model.
         cache_dir: where the index cache goes (default `fdino.serve.index.default_cache_path`).
-        model_info: ``{"source", "arch", "which"}`` stored in the cache (`fdino search` reloads the model from it).
+        model_info: how to reload the model (`fdino.weights.cli_args.model_args_record`), stored in the cache (`fdino search` reloads the model from it).
     """
 
     def __init__(self, model: Any, images: str | Path | None = None, *, arch: str = "", config: ServiceConfig | None = None,

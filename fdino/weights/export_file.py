@@ -1,9 +1,9 @@
-"""Backbone weights as safetensors, with what it takes to rebuild the model stored beside them.
+"""fdino's backbone export: safetensors weights with what it takes to rebuild the model in the metadata.
 
 ``backbone.safetensors`` holds the backbone's parameters and buffers (timm key names) and, in the
-file's metadata (string -> string), the JSON of `ExportInfo` under ``"fdino"``. The same JSON
-is written to a sidecar ``backbone.json`` for people and tools that do not read safetensors
-headers. `load_exported` rebuilds the timm module from that alone.
+file's metadata (string -> string), the JSON of `ExportInfo` under ``"fdino"``. The same JSON is
+written to a sidecar ``backbone.json`` for people and tools that do not read safetensors headers.
+`fdino.weights.load_model` rebuilds the module from the file alone.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = "fdino-backbone-v1"
 METADATA_KEY = "fdino"
@@ -22,7 +23,7 @@ METADATA_KEY = "fdino"
 
 @dataclass(frozen=True, kw_only=True)
 class ExportInfo:
-    """How to rebuild and feed an exported backbone."""
+    """How to rebuild and feed a backbone: what an export stores, and what `load_model` reports."""
 
     arch: str
     """timm model name."""
@@ -31,12 +32,12 @@ class ExportInfo:
     dino_config: dict[str, Any] | None = None
     """The training `DinoConfig` (``to_dict``) for fdino checkpoints, None for other sources."""
     which: str = "teacher"
-    """Which network of the checkpoint was exported."""
+    """Which network of the checkpoint it is."""
     image_size: int = 224
     """Evaluation resolution (input side in pixels)."""
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
     """Normalization mean of the inputs."""
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    std: tuple[float, float, float] = IMAGENET_STD
     """Normalization standard deviation of the inputs."""
     feature_dim: int = 0
     """Width of the feature the backbone returns."""
@@ -79,30 +80,4 @@ def read_export_info(path: str | Path) -> ExportInfo | None:
     return ExportInfo.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 
-def build_from_info(info: ExportInfo) -> nn.Module:
-    """A freshly initialized backbone of the exported architecture (no stochastic depth)."""
-    if info.dino_config is not None:
-        from ..config import DinoConfig  # noqa: PLC0415
-        from ..models import create_backbone  # noqa: PLC0415
-
-        cfg = DinoConfig.from_dict(info.dino_config)
-        return create_backbone(cfg.replace(grad_checkpointing=False), drop_path_rate=0.0)
-    import timm  # noqa: PLC0415
-
-    return timm.create_model(info.arch, pretrained=False, **{**info.model_kwargs, "num_classes": 0})
-
-
-def load_exported(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[nn.Module, ExportInfo]:
-    """``(backbone in eval mode, info)`` from a file written by `export_safetensors` (strict load)."""
-    from safetensors.torch import load_file  # noqa: PLC0415
-
-    info = read_export_info(path)
-    if info is None:
-        raise ValueError(f"{path} has no fdino metadata; load plain weights with "
-                         f"fdino.eval.loading.load_model_for_eval(path, arch=...)")
-    backbone = build_from_info(info)
-    backbone.load_state_dict(load_file(str(path)), strict=True)
-    return backbone.to(device).eval(), info
-
-
-__all__ = ["ExportInfo", "FORMAT", "export_safetensors", "read_export_info", "build_from_info", "load_exported"]
+__all__ = ["ExportInfo", "FORMAT", "METADATA_KEY", "export_safetensors", "read_export_info"]
