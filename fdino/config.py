@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
+
+from . import checks
 
 PRECISIONS = ("fp32", "bf16")
 LOSS_IMPLS = ("auto", "triton", "reference")
@@ -172,31 +173,22 @@ def _frozen(value: Any) -> Any:
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"DinoConfig.{name}={value!r} is invalid: allowed {allowed}")
+    checks.fail(f"DinoConfig.{name}", value, allowed)
 
 
 def _check_range(cfg: DinoConfig, name: str, lo: float, hi: float, *, lo_open=False, hi_open=False):
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        _fail(name, value, "a number")
-    ok_lo = value > lo if lo_open else value >= lo
-    ok_hi = value < hi if hi_open else value <= hi
-    if not (ok_lo and ok_hi):
-        left, right = ("(" if lo_open else "["), (")" if hi_open else "]")
-        _fail(name, value, f"values in {left}{lo}, {hi}{right}")
+    checks.check_real(f"DinoConfig.{name}", getattr(cfg, name), lo, hi, lo_open=lo_open, hi_open=hi_open)
 
 
 def _check_int(cfg: DinoConfig, name: str, lo: int, hi: int = 2**31) -> None:
-    value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        _fail(name, value, f"an integer in [{lo}, {hi}]")
+    checks.check_int(f"DinoConfig.{name}", getattr(cfg, name), lo, hi)
 
 
 def _check_scale(cfg: DinoConfig, name: str) -> None:
     value = getattr(cfg, name)
     ok = (
         isinstance(value, tuple) and len(value) == 2
-        and all(isinstance(v, (int, float)) for v in value) and 0 < value[0] <= value[1] <= 1
+        and all(checks.is_number(v) for v in value) and 0 < value[0] <= value[1] <= 1
     )
     if not ok:
         _fail(name, value, "a pair (lo, hi) with 0 < lo <= hi <= 1")

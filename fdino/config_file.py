@@ -25,6 +25,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .checks import is_int, is_number
 from .config import DinoConfig
 from .train import TrainOptions
 
@@ -97,9 +98,7 @@ def _checked(path: Path, table: str, cls: type, f: dataclasses.Field, value: Any
     optional = typing.get_type_hints(cls)[f.name] is not kind
     if value is None and optional:
         return None
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    ok = {bool: lambda v: isinstance(v, bool), int: is_int, float: is_number,
           str: lambda v: isinstance(v, str)}.get(kind, lambda v: isinstance(v, (list, tuple)))
     if not ok(value):
         raise ValueError(f"{path}: [{table}] {f.name} = {value!r} is not a {getattr(kind, '__name__', kind)}"

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
+from .checks import check_int, check_real
 from .config import DinoConfig
 from .diagnostics import collapse_report
 from .distributed import DistInfo, broadcast_state_, init_from_env, mean_reducer, shutdown
@@ -90,13 +91,8 @@ class TrainOptions:
         for name, lo in (("workers", 0), ("log_every", 1), ("ckpt_every", 1), ("keep_checkpoints", 1),
                          ("eval_every", 0), ("knn_k", 1), ("eval_samples", 0), ("max_steps", 0),
                          ("attention_images", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"TrainOptions.{name}={value!r} is invalid: allowed an integer >= {lo}")
-        if isinstance(self.max_minutes, bool) or not isinstance(self.max_minutes, (int, float)) \
-                or not 0 <= self.max_minutes < float("inf"):
-            raise ValueError(f"TrainOptions.max_minutes={self.max_minutes!r} is invalid: allowed a number >= 0 "
-                             "(0: no limit)")
+            check_int(f"TrainOptions.{name}", getattr(self, name), lo=lo)
+        check_real("TrainOptions.max_minutes", self.max_minutes, lo=0)  # 0: no limit
         if self.device not in DEVICES:
             raise ValueError(f"TrainOptions.device={self.device!r} is invalid: choose one of {DEVICES}")
 

@@ -30,6 +30,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from ..checks import check_int, fail, is_number
 from .images import to_rgb
 from .batch_augment import blur_kernel_size, render_batch
 
@@ -146,19 +147,17 @@ def small_image_multicrop(**overrides: Any) -> MultiCropConfig:
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"MultiCropConfig.{name}={value!r} is invalid: allowed {allowed}")
+    fail(f"MultiCropConfig.{name}", value, allowed)
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_number(v) and math.isfinite(v)
 
 
 def _validate(c: MultiCropConfig) -> None:
-    for name, lo, hi in (("n_global_crops", 1, 16), ("n_local_crops", 0, 64), ("global_crop_size", 1, 4096),
-                         ("local_crop_size", 1, 4096), ("solarize_threshold", 0, 256)):
-        v = getattr(c, name)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            _fail(name, v, f"an integer in [{lo}, {hi}]")
+    for name, lo, hi in (("n_global_crops", 1, 16), ("n_local_crops", 0, 64),
+                         ("global_crop_size", 1, 4096), ("local_crop_size", 1, 4096), ("solarize_threshold", 0, 256)):
+        check_int(f"MultiCropConfig.{name}", getattr(c, name), lo, hi)
     if c.n_crops < 2:
         _fail("n_local_crops", c.n_local_crops, "at least 1 when n_global_crops is 1 (DINO needs pairs)")
     for name in ("global_crop_scale", "local_crop_scale"):
@@ -351,8 +350,7 @@ class EvalTransform:
 
     def __init__(self, size: int, *, resize_size: int | None = None, interpolation: str = "bicubic",
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"EvalTransform size={size!r} is invalid: allowed an integer >= 1")
+        check_int("EvalTransform size", size, lo=1)
         if resize_size is None:
             resize_size = size if size <= _SMALL_IMAGE_MAX else int(round(size * 256 / 224))
         if resize_size < size:

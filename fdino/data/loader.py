@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..checks import check_int
 from .augment import EvalTransform, MultiCrop
 from .images import BadImageError
 from .seeds import derive_seed, torch_generator
@@ -49,11 +50,9 @@ def epoch_batches(n: int, *, batch_size: int, seed: int, epoch: int, rank: int =
 
 
 def _check_plan(n: int, batch_size: int, rank: int, world_size: int) -> None:
-    for name, value, lo in (("batch_size", batch_size, 1), ("world_size", world_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-            raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= {lo}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank!r} is invalid: allowed an integer in [0, {world_size - 1}]")
+    check_int("batch_size", batch_size, lo=1)
+    check_int("world_size", world_size, lo=1)
+    check_int("rank", rank, 0, world_size - 1)
     if n < batch_size * world_size:
         raise ValueError(f"the data set has {n} samples, fewer than one global batch of "
                          f"batch_size={batch_size} x world_size={world_size}")
@@ -73,10 +72,8 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         steps = batches_per_epoch(self.n, self.batch_size, self.world_size)
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch={epoch!r} is invalid: allowed an integer >= 0")
-        if isinstance(start_batch, bool) or not isinstance(start_batch, int) or not 0 <= start_batch <= steps:
-            raise ValueError(f"start_batch={start_batch!r} is invalid: allowed an integer in [0, {steps}]")
+        check_int("epoch", epoch, lo=0)
+        check_int("start_batch", start_batch, 0, steps)
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
@@ -186,8 +183,7 @@ class _SkipLog:
 
 def _dataloader_kwargs(num_workers: int, pin_memory: bool | None, persistent_workers: bool,
                        prefetch_factor: int | None, seed: int) -> dict:
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers={num_workers!r} is invalid: allowed an integer >= 0")
+    check_int("num_workers", num_workers, lo=0)
     kwargs = dict(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
@@ -242,8 +238,7 @@ class MultiCropLoader(_SkipLog):
         epoch ``s // len(self)``), so a run resumed at step s sees what an uninterrupted one does.
         The caller decides when to stop (e.g. ``itertools.islice``): nothing is loaded past that.
         """
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"start_step={start_step!r} is invalid: allowed an integer >= 0")
+        check_int("start_step", start_step, lo=0)
         epoch, start_batch = divmod(start_step, len(self))
         step = start_step
         while True:
@@ -263,8 +258,7 @@ class EvalLoader(_SkipLog):
     def __init__(self, dataset: Dataset, transform: EvalTransform, *, batch_size: int, num_workers: int = 0,
                  pin_memory: bool | None = None, persistent_workers: bool = False) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is invalid: allowed an integer >= 1")
+        check_int("batch_size", batch_size, lo=1)
         self.dataloader = DataLoader(
             _EvalDataset(dataset, transform), batch_size=batch_size, shuffle=False, collate_fn=_collate_eval,
             **_dataloader_kwargs(num_workers, pin_memory, persistent_workers, None, 0))

@@ -12,6 +12,8 @@ import hashlib
 
 import torch
 
+from ..checks import is_int
+
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (ints and strings), stable across runs.
@@ -21,7 +23,7 @@ def derive_seed(*parts: int | str) -> int:
     The top bit is cleared so the value is a valid ``torch.manual_seed`` argument.
     """
     for p in parts:
-        if isinstance(p, bool) or not isinstance(p, (int, str)):
+        if not (is_int(p) or isinstance(p, str)):
             raise TypeError(f"derive_seed parts must be int or str, got {p!r} ({type(p).__name__})")
     data = "\x1f".join(f"{type(p).__name__[0]}{p}" for p in parts).encode()
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1

@@ -18,13 +18,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int
+
 PAPER_KS = (10, 20, 100, 200)
 PAPER_TEMPERATURE = 0.07
-
-
-def _check_chunk(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= 1")
 
 
 @torch.no_grad()
@@ -43,8 +40,8 @@ def knn_topk(bank: torch.Tensor, queries: torch.Tensor, k: int, *, query_chunk: 
     Returns:
         ``(sims [M, k'], indices [M, k'])`` on the CPU, float32 / int64, ``k' = min(k, N)``.
     """
-    _check_chunk("query_chunk", query_chunk)
-    _check_chunk("bank_chunk", bank_chunk)
+    check_int("query_chunk", query_chunk, lo=1)
+    check_int("bank_chunk", bank_chunk, lo=1)
     if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
         raise ValueError(f"knn_topk needs bank [N, D] and queries [M, D] with the same D, got "
                          f"{tuple(bank.shape)} and {tuple(queries.shape)}")
