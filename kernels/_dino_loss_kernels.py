@@ -26,8 +26,41 @@ atomics, so outputs are bitwise reproducible):
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+
+def _interpreter_scalar_index_fix() -> None:
+    """Let triton < 3.8's interpreter use a scalar kernel argument as a loop bound under NumPy >= 2.4.
+
+    The interpreter holds a scalar argument as an ndarray of shape (1,) and its ``__index__`` (what
+    ``range(0, n)`` and ``tl.range(0, n)`` call) is ``int(data)``; NumPy 2.4 turned that deprecated
+    conversion into "TypeError: only 0-dimensional arrays can be converted to Python scalars", so
+    every loop with a runtime bound fails there (triton-lang/triton#9171, fixed upstream by #9172,
+    ``int(data.squeeze())``; triton 3.8.0 ships the fix, 3.6.0, the GPU machines' version, does not).
+    Compiled kernels never run this code: triton 3.6 compiles and pipelines these loops exactly like
+    3.8. Installs the upstream one-line fix into the per-launch patch of ``tl.tensor``.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 8):
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_fix(tensor, scope):
+        patch_tensor(tensor, scope)
+        # Recorded in the same scope, so the launch's restore() undoes it with the rest.
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    if getattr(patch_tensor, "__name__", "") != patch_tensor_with_fix.__name__:  # once per process
+        interpreter._patch_lang_tensor = patch_tensor_with_fix
+
+
+_interpreter_scalar_index_fix()
 
 # Globals read inside @triton.jit must be constexpr (compiled Triton rejects plain globals).
 LOG2E = tl.constexpr(1.4426950408889634)
