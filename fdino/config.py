@@ -13,9 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import checks
+from .loss_inputs import LOSS_IMPLS
 
 PRECISIONS = ("fp32", "bf16")
-LOSS_IMPLS = ("auto", "triton", "reference")
+# Sanity caps on the crops per image of a run, shared with fdino.data.MultiCropConfig (which
+# DinoConfig's crop fields configure). Not the fused loss kernel's limit on all crops together,
+# fdino.loss_inputs.KERNEL_MAX_CROPS, which merely has the same value as MAX_GLOBAL_CROPS.
+MAX_GLOBAL_CROPS = 16
+MAX_LOCAL_CROPS = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,8 +214,8 @@ def _validate(cfg: DinoConfig) -> None:
     _check_int(cfg, "head_hidden_dim", 1)
     _check_int(cfg, "head_bottleneck_dim", 1)
     _check_int(cfg, "head_n_layers", 1, 16)
-    _check_int(cfg, "n_global_crops", 1, 16)
-    _check_int(cfg, "n_local_crops", 0, 64)
+    _check_int(cfg, "n_global_crops", 1, MAX_GLOBAL_CROPS)
+    _check_int(cfg, "n_local_crops", 0, MAX_LOCAL_CROPS)
     if cfg.n_crops < 2:
         _fail("n_local_crops", cfg.n_local_crops, "at least 1 when n_global_crops is 1 (no pairs)")
     _check_int(cfg, "global_crop_size", 1)
@@ -277,4 +282,4 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["DinoConfig", "config_fields", "field_doc", "PRECISIONS"]
+__all__ = ["DinoConfig", "config_fields", "field_doc", "MAX_GLOBAL_CROPS", "MAX_LOCAL_CROPS", "PRECISIONS"]

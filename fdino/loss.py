@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "triton", "reference")
-Temperature = float | torch.Tensor
+from .loss_inputs import KERNEL_MAX_CROPS, LOSS_IMPLS, Temperature, check_loss_inputs
 
 
 def dino_loss(
@@ -45,14 +44,16 @@ def dino_loss(
         ``log p_j = log_softmax(s_j / tau_s)``.
         ``batch_center``: ``[K]`` fp32 mean of the teacher rows (before any all-reduce).
     """
-    check_loss_inputs(student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops)
+    # Checked once, here; the kernel entry below trusts these checks (its public twin,
+    # dino_loss_triton, runs them itself for callers that skip this function).
+    batch = check_loss_inputs(student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops)
     choice = resolve_impl(impl, student_logits, teacher_logits, n_global_crops)
     if choice == "triton":
-        from .kernels.dino_loss import dino_loss_triton
+        from .kernels.dino_loss import dino_loss_triton_unchecked
 
-        return dino_loss_triton(
+        return dino_loss_triton_unchecked(
             student_logits, teacher_logits, center,
-            student_temp=student_temp, teacher_temp=teacher_temp, n_global_crops=n_global_crops,
+            student_temp=student_temp, teacher_temp=teacher_temp, n_global_crops=n_global_crops, batch=batch,
         )
     return dino_loss_reference(
         student_logits, teacher_logits, center,
@@ -89,14 +90,10 @@ def dino_loss_reference(
     return loss, teacher.mean(dim=0)
 
 
-# The fused kernel holds all crops of an image in one register tile (see fdino.kernels.dino_loss).
-KERNEL_MAX_CROPS = 16
-
-
 def resolve_impl(impl: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, n_global_crops: int) -> str:
     """Which implementation ``impl`` means for these inputs ("auto": the kernel where it applies)."""
-    if impl not in IMPLS:
-        raise ValueError(f"dino_loss impl={impl!r} is unknown: choose one of {IMPLS}")
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"dino_loss impl={impl!r} is unknown: choose one of {LOSS_IMPLS}")
     if impl != "auto":
         return impl
     n_crops = student_logits.shape[0] * n_global_crops // teacher_logits.shape[0]
@@ -114,60 +111,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def check_loss_inputs(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    center: torch.Tensor,
-    student_temp: Temperature,
-    teacher_temp: Temperature,
-    n_global_crops: int,
-) -> int:
-    """Validate shapes and dtypes of the loss inputs; returns B (images per crop).
-
-    Every error names the offending argument, what it got and what it needs.
-    """
-    float_types = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 2:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"dino_loss: {name} must be a 2-D tensor [rows, K], got {got}")
-        if t.dtype not in float_types:
-            raise TypeError(f"dino_loss: {name} must be floating point (fp32/bf16/fp16/fp64), got {t.dtype}")
-    k = student_logits.shape[1]
-    if teacher_logits.shape[1] != k:
-        raise ValueError(
-            f"dino_loss: K mismatch: student_logits has K={k} but teacher_logits has K={teacher_logits.shape[1]}; "
-            "both must come from the same head (same out_dim)"
-        )
-    if not isinstance(center, torch.Tensor) or tuple(center.shape) != (k,):
-        got = tuple(center.shape) if isinstance(center, torch.Tensor) else type(center).__name__
-        raise ValueError(f"dino_loss: center must have shape [K]=[{k}], got {got}")
-    if isinstance(n_global_crops, bool) or not isinstance(n_global_crops, int) or n_global_crops < 1:
-        raise ValueError(f"dino_loss: n_global_crops must be a positive int, got {n_global_crops!r}")
-    rows_t = teacher_logits.shape[0]
-    if rows_t == 0 or rows_t % n_global_crops:
-        raise ValueError(
-            f"dino_loss: teacher_logits has {rows_t} rows, not a positive multiple of n_global_crops="
-            f"{n_global_crops} (expected [n_global_crops*B, K])"
-        )
-    batch = rows_t // n_global_crops
-    rows_s = student_logits.shape[0]
-    if rows_s % batch or rows_s // batch < n_global_crops:
-        raise ValueError(
-            f"dino_loss: student_logits has {rows_s} rows but the teacher implies B={batch} images; "
-            f"expected V*B rows with V >= n_global_crops={n_global_crops} crops (crop-major layout)"
-        )
-    if rows_s // batch == 1:
-        raise ValueError("dino_loss: a single crop has no (teacher, student) pair with i != j; use V >= 2")
-    for name, temp in (("student_temp", student_temp), ("teacher_temp", teacher_temp)):
-        if isinstance(temp, torch.Tensor):
-            if temp.numel() != 1:
-                raise ValueError(f"dino_loss: {name} must be a float or a 0-d tensor, got shape {tuple(temp.shape)}")
-        elif not isinstance(temp, (int, float)) or not temp > 0:
-            raise ValueError(f"dino_loss: {name} must be > 0, got {temp!r}")
-    return batch
 
 
 def update_center(center: torch.Tensor, batch_center: torch.Tensor, momentum: float | torch.Tensor) -> torch.Tensor:

@@ -40,13 +40,17 @@ from typing import NamedTuple
 import torch
 import triton
 
-from fdino.loss import Temperature, check_loss_inputs
+from fdino.checks import check_int, is_int
+from fdino.loss_inputs import KERNEL_MAX_CROPS, Temperature, check_loss_inputs
 
 from ._dino_loss_kernels import _bwd_kernel, _fwd_combine_kernel, _fwd_finalize_kernel, _fwd_partials_kernel
 
-__all__ = ["KERNEL_LAUNCHES", "MAX_CROPS", "LaunchConfig", "dino_loss_triton", "launch_config", "launch_count"]
+__all__ = [
+    "KERNEL_LAUNCHES", "MAX_CROPS", "LaunchConfig", "dino_loss_triton", "dino_loss_triton_unchecked", "launch_config",
+    "launch_count",
+]
 
-MAX_CROPS = 16  # V_PAD = 16 rows of a [V_PAD, BLOCK_K] tile; more would spill registers
+MAX_CROPS = KERNEL_MAX_CROPS  # V_PAD <= 16 rows of a [V_PAD, BLOCK_K] tile; fdino.loss_inputs says why
 MAX_SPLIT = 128  # K-chunks per image in the forward (the combine step holds them all in one tile)
 _TILE_ELEMS = 4096  # elements of one [V_PAD, BLOCK_K] student tile: 16 per thread with 8 warps
 _TARGET_PROGRAMS = 2048  # forward programs to aim for: ~5 waves of 132 SMs x 3 resident, a short tail
@@ -262,12 +266,32 @@ def dino_loss_triton(
         ``loss``: 0-d fp32 (eq. 1 averaged over the 2(V-1) pairs and B images);
         ``batch_center``: ``[K]`` fp32 column mean of the teacher logits.
     """
-    if n_global_crops != 2:
-        raise ValueError(
-            f"dino_loss_triton: n_global_crops must be 2 (the fused kernel pairs exactly two teacher crops "
-            f"per image), got {n_global_crops!r}; use impl='reference' for other values"
-        )
+    _require_two_global_crops(n_global_crops)  # first: the row checks below assume the kernel's layout
     batch = check_loss_inputs(student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops)
+    return dino_loss_triton_unchecked(
+        student_logits, teacher_logits, center, student_temp=student_temp, teacher_temp=teacher_temp,
+        n_global_crops=n_global_crops, batch=batch, config=config,
+    )
+
+
+def dino_loss_triton_unchecked(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    student_temp: Temperature,
+    teacher_temp: Temperature,
+    n_global_crops: int,
+    batch: int,
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dino_loss_triton` for inputs that already passed ``check_loss_inputs`` (``batch``: what it returned).
+
+    ``fdino.loss.dino_loss`` validates its inputs once and then calls this; only what is specific to
+    the kernel (two global crops, K >= 1, at most MAX_CROPS crops, one device, the launch config)
+    is checked here. Call `dino_loss_triton` instead unless you ran ``check_loss_inputs`` yourself.
+    """
+    _require_two_global_crops(n_global_crops)
     rows, k = student_logits.shape
     n_crops = rows // batch
     if k == 0:
@@ -302,6 +326,14 @@ def dino_loss_triton(
     return loss, batch_center
 
 
+def _require_two_global_crops(n_global_crops: int) -> None:
+    if n_global_crops != 2:
+        raise ValueError(
+            f"dino_loss_triton: n_global_crops must be 2 (the fused kernel pairs exactly two teacher crops "
+            f"per image), got {n_global_crops!r}; use impl='reference' for other values"
+        )
+
+
 def _temperature(temp: Temperature, device: torch.device) -> torch.Tensor:
     """A 0-d fp32 tensor on ``device``: floats become constants, tensors are read by the kernels."""
     if isinstance(temp, torch.Tensor):
@@ -311,7 +343,6 @@ def _temperature(temp: Temperature, device: torch.device) -> torch.Tensor:
 
 def _check_config(config: LaunchConfig) -> None:
     block_k, n_split = config
-    if not (isinstance(block_k, int) and block_k >= 16 and math.log2(block_k).is_integer()):
+    if not (is_int(block_k) and block_k >= 16 and math.log2(block_k).is_integer()):
         raise ValueError(f"dino_loss_triton: config.block_k must be a power of two >= 16, got {block_k!r}")
-    if not (isinstance(n_split, int) and 1 <= n_split <= MAX_SPLIT):
-        raise ValueError(f"dino_loss_triton: config.n_split must be an int in [1, {MAX_SPLIT}], got {n_split!r}")
+    check_int("dino_loss_triton: config.n_split", n_split, 1, MAX_SPLIT)

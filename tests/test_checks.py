@@ -129,10 +129,16 @@ def _knn(v):
     return knn_topk(torch.randn(4, 3), torch.randn(2, 3), 2, query_chunk=v)
 
 
+def _loss(v):
+    from fdino import dino_loss
+    return dino_loss(torch.randn(6, 4), torch.randn(4, 4), torch.zeros(4), student_temp=0.1, teacher_temp=0.04,
+                     n_global_crops=v)
+
+
 @pytest.mark.parametrize("make, name", [
     (_dino_config, "DinoConfig.batch_size"), (_multicrop, "MultiCropConfig.n_local_crops"),
     (_train_options, "TrainOptions.workers"), (_epoch_batches, "batch_size"), (_sampler_epoch, "epoch"),
-    (_eval_transform, "EvalTransform size"), (_knn, "query_chunk"),
+    (_eval_transform, "EvalTransform size"), (_knn, "query_chunk"), (_loss, "dino_loss: n_global_crops"),
 ])
 def test_integer_arguments_reject_true_naming_the_field(make, name):
     with pytest.raises(ValueError, match="^" + re.escape(f"{name}=True is invalid: allowed an integer")):

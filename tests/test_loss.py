@@ -179,3 +179,60 @@ def test_clear_errors_for_bad_dtype_temperature_and_impl():
         dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.0)
     with pytest.raises(ValueError, match="impl='fast' is unknown"):
         dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.04, impl="fast")
+
+
+@pytest.mark.parametrize("n_global_crops", [0, True, 2.0])
+def test_n_global_crops_must_be_a_positive_int_not_a_bool(n_global_crops):
+    s, t, c = torch.randn(8, 10), torch.randn(4, 10), torch.zeros(10)
+    with pytest.raises(ValueError, match=rf"dino_loss: n_global_crops={n_global_crops!r} is invalid: allowed an integer >= 1"):
+        dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.04, n_global_crops=n_global_crops)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "auto"])
+def test_loss_inputs_are_checked_once_per_call(impl, monkeypatch):
+    """dino_loss owns the input checks; its kernel path must not run them a second time
+    (they did run twice before fdino.loss_inputs: in dino_loss and again in dino_loss_triton)."""
+    import fdino.kernels.dino_loss as kernel
+    import fdino.loss as loss
+    import fdino.loss_inputs
+
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return fdino.loss_inputs.check_loss_inputs(*args)
+
+    monkeypatch.setattr(loss, "check_loss_inputs", counted)
+    monkeypatch.setattr(kernel, "check_loss_inputs", counted)
+    s, t, c = torch.randn(6, 16), torch.randn(4, 16), torch.zeros(16)  # V=3, B=2: the interpreter is slow
+    got, _ = dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.04, impl=impl)
+    want, _ = dino_loss_reference(s, t, c, student_temp=0.1, teacher_temp=0.04)
+    torch.testing.assert_close(got, want)
+    assert len(calls) == 1
+    calls.clear()  # the kernel's public entry is for direct callers, so it checks by itself
+    kernel.dino_loss_triton(s, t, c, student_temp=0.1, teacher_temp=0.04)
+    assert len(calls) == 1
+
+
+def test_loss_and_kernel_share_a_leaf_module_instead_of_importing_each_other():
+    """fdino.loss imports the kernel (to dispatch to it); the kernel must not import fdino.loss back
+    (it did, for its input checks), and the shared leaf imports neither."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imported_modules(path):
+        mods = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = "." * node.level + (node.module or "")
+                mods.update([base] if node.module else [base + alias.name for alias in node.names])
+        return mods
+
+    kernel = imported_modules(root / "kernels" / "dino_loss.py")
+    assert "fdino.loss_inputs" in kernel
+    assert not any(m == "fdino" or m == "fdino.loss" or m.startswith("fdino.loss.") for m in kernel), kernel
+    assert imported_modules(root / "fdino" / "loss_inputs.py") == {"__future__", "torch", ".checks"}

@@ -31,6 +31,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from ..checks import check_int, fail, is_number
+from ..config import MAX_GLOBAL_CROPS, MAX_LOCAL_CROPS
 from .images import to_rgb
 from .batch_augment import blur_kernel_size, render_batch
 
@@ -155,7 +156,7 @@ def _is_number(v: Any) -> bool:
 
 
 def _validate(c: MultiCropConfig) -> None:
-    for name, lo, hi in (("n_global_crops", 1, 16), ("n_local_crops", 0, 64),
+    for name, lo, hi in (("n_global_crops", 1, MAX_GLOBAL_CROPS), ("n_local_crops", 0, MAX_LOCAL_CROPS),
                          ("global_crop_size", 1, 4096), ("local_crop_size", 1, 4096), ("solarize_threshold", 0, 256)):
         check_int(f"MultiCropConfig.{name}", getattr(c, name), lo, hi)
     if c.n_crops < 2:
