@@ -9,7 +9,7 @@ from . import presets, schedules
 from .config import DinoConfig
 from .diagnostics import collapse_report, teacher_diagnostics
 from .ema import ema_update_
-from .loss import dino_loss, dino_loss_reference, update_center
+from .loss import dino_loss, dino_loss_reference, update_center_
 from .models import create_backbone, create_network
 from .optim import AdamWState
 from .state import TrainState, clone_state, init_state, tree_allclose
@@ -36,5 +36,5 @@ __all__ = [
     "train_step",
     "train_step_eager",
     "tree_allclose",
-    "update_center",
+    "update_center_",
 ]

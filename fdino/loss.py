@@ -113,6 +113,11 @@ def triton_available() -> bool:
     return True
 
 
-def update_center(center: torch.Tensor, batch_center: torch.Tensor, momentum: float | torch.Tensor) -> torch.Tensor:
-    """Center EMA, after the loss: c <- m c + (1 - m) batch_center (a new tensor)."""
-    return center * momentum + batch_center * (1.0 - momentum)
+def update_center_(center: torch.Tensor, batch_center: torch.Tensor, momentum: float | torch.Tensor) -> torch.Tensor:
+    """Center EMA after the loss (paper Algorithm 1): c <- m c + (1 - m) batch_center, in place; returns ``center``.
+
+    ``center`` and ``batch_center``: ``[K]`` fp32. One ``lerp_`` (c + (1 - m)(batch_center - c)),
+    as `fdino.ema_update_` does for the teacher: the training step calls this, so its rounding is
+    the step's (``m c + (1 - m) b`` computed as written rounds differently).
+    """
+    return center.lerp_(batch_center, 1.0 - momentum)

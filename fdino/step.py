@@ -8,7 +8,7 @@
    `torch.func.functional_call` on stateless templates; crops of one resolution share a call;
 3. loss and gradients with `torch.func.grad_and_value` (the loss returns the batch center too);
 4. per-parameter gradient clipping, AdamW, last-layer freezing;
-5. teacher EMA (one `_foreach_lerp_`), then the center EMA with the batch center.
+5. teacher EMA (one `_foreach_lerp_`), then the center EMA with the batch center (`update_center_`).
 
 Donation: ``train_step`` updates the tensors of the input state IN PLACE and returns a state
 holding those same tensors (like JAX's donated buffers: no second copy of parameters, moments or
@@ -36,7 +36,7 @@ from . import schedules
 from .config import DinoConfig
 from .diagnostics import teacher_diagnostics
 from .ema import ema_update_
-from .loss import dino_loss
+from .loss import dino_loss, update_center_
 from .models import is_last_layer, is_regularized, network_template
 from .optim import adamw_, adamw_frozen_aware_, clip_grads_per_param_
 from .state import TrainState
@@ -143,7 +143,7 @@ def apply_update(cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: 
         else:
             adamw_(*args, regularized=regularized, **common)
     ema_update_([state.teacher[k] for k in names], [state.student[k] for k in names], sched["momentum"])
-    state.center.lerp_(batch_center, 1.0 - cfg.center_momentum)
+    update_center_(state.center, batch_center, cfg.center_momentum)
     state.step.add_(1)
     return {"grad_norm": grad_norm}
 

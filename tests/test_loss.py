@@ -236,3 +236,44 @@ def test_loss_and_kernel_share_a_leaf_module_instead_of_importing_each_other():
     assert "fdino.loss_inputs" in kernel
     assert not any(m == "fdino" or m == "fdino.loss" or m.startswith("fdino.loss.") for m in kernel), kernel
     assert imported_modules(root / "fdino" / "loss_inputs.py") == {"__future__", "torch", ".checks"}
+
+
+@given(st.floats(0.0, 1.0), st.integers(0, 2**16))
+def test_update_center_is_the_ema_in_place(momentum, seed):
+    from fdino import update_center_
+
+    g = torch.Generator().manual_seed(seed)
+    center, batch_center = torch.randn(33, generator=g), torch.randn(33, generator=g)
+    want = momentum * center.double() + (1 - momentum) * batch_center.double()
+    storage = center.data_ptr()
+    out = update_center_(center, batch_center, momentum)
+    assert out is center and center.data_ptr() == storage
+    torch.testing.assert_close(center.double(), want, rtol=0, atol=1e-6)
+    # A 0-d tensor momentum (a schedule's value) gives the same bits as the float.
+    again = torch.randn(33, generator=torch.Generator().manual_seed(seed))
+    update_center_(again, batch_center, torch.tensor(momentum, dtype=torch.float64))
+    assert torch.equal(again, center)
+
+
+def test_the_training_step_updates_the_center_with_update_center(monkeypatch):
+    """The documented function is the one the step runs (it once was exported but never called)."""
+    import fdino
+    import fdino.step
+    from fdino import presets
+
+    cfg = presets.smoke(center_momentum=0.7)
+    state = fdino.init_state(cfg, device="cpu")
+    seen = []
+
+    def recorded(center, batch_center, momentum):
+        seen.append((center.clone(), batch_center.clone(), momentum))
+        return fdino.update_center_(center, batch_center, momentum)
+
+    monkeypatch.setattr(fdino.step, "update_center_", recorded)
+    g = torch.Generator().manual_seed(0)
+    sizes = [cfg.global_crop_size] * cfg.n_global_crops + [cfg.local_crop_size] * cfg.n_local_crops
+    state, _ = fdino.train_step_eager(state, [torch.randn(cfg.batch_size, 3, s, s, generator=g) for s in sizes])
+    assert len(seen) == 1 and seen[0][2] == 0.7
+    before, batch_center, _ = seen[0]
+    assert not torch.equal(state.center, before)
+    assert torch.equal(state.center, torch.lerp(before, batch_center, 1.0 - 0.7))
