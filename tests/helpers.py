@@ -33,3 +33,53 @@ def ema_update_reference_(teacher: list[torch.Tensor], student: list[torch.Tenso
     with torch.no_grad():
         for t, s in zip(teacher, student):
             t.mul_(momentum).add_((1.0 - momentum) * s)
+
+
+# --- PNG outputs ---------------------------------------------------------------------------------------
+def png_pixels(source, *, size: tuple[int, int] | None = None, min_std: float = 10.0, min_colors: int = 16):
+    """A written PNG (path or bytes) as float64 RGB ``[H, W, 3]`` in 0..255, checked to show something.
+
+    Fails unless the data is a PNG, of ``size`` = (height, width) when given, with pixel std above
+    ``min_std`` and more than ``min_colors`` distinct colours: a blank, one-colour or two-tone picture
+    fails, as does one whose size the caller knows and the file does not have.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        assert image.format == "PNG", f"not a PNG: {image.format}"
+        pixels = np.asarray(image.convert("RGB"))
+    if size is not None:
+        assert pixels.shape[:2] == tuple(size), f"PNG is {pixels.shape[:2]} (h, w), expected {tuple(size)}"
+    std = float(pixels.std())
+    assert std > min_std, f"PNG is (nearly) blank: pixel std {std:.2f} <= {min_std}"
+    colors = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colors > min_colors, f"PNG has only {colors} distinct colours (need > {min_colors})"
+    return pixels.astype(np.float64)
+
+
+def grid_cell(pixels, row: int, col: int, cell: int | tuple[int, int], *, pad: int = 2, band: int = 0):
+    """Cell ``(row, col)`` of a `fdino.eval.render.save_grid` picture: ``[h, w, 3]`` (``band``: caption px)."""
+    ch, cw = (cell, cell) if isinstance(cell, int) else cell
+    top, left = pad + row * (ch + band + pad), pad + col * (cw + pad)
+    return pixels[top:top + ch, left:left + cw]
+
+
+def tile_count(band) -> int:
+    """Runs of drawn (not pure white) columns across a band ``[h, W, 3]`` of a grid: its tiles side by side."""
+    import numpy as np
+
+    drawn = (band < 255).any(axis=(0, 2)).astype(int)
+    return int((np.diff(np.r_[0, drawn]) == 1).sum())
+
+
+def enlarged(path, side: int):
+    """An image file as fdino's pictures show it: bilinear to ``side`` px, ``[side, side, 3]`` in 0..255."""
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy() * 255

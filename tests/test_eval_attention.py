@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from helpers import grid_cell, png_pixels
+from matplotlib import colormaps
 from PIL import Image
 
 from fdino.eval import attention_masks, cls_attention, save_attention_grid
-from fdino.eval.render import cell_scale, grid_size
+from fdino.eval.render import cell_scale, denormalize, grid_size
 
 VARIANTS = {
     "plain": {},
@@ -105,3 +108,28 @@ def test_attention_grid_png_has_the_documented_size_and_content(tmp_path):
     assert pixels.shape == (*grid_size(1 + 2 * heads, 2, cell), 3)   # rows: image, heat maps, masks
     assert pixels.astype(np.float64).var() > 0
     assert pixels[2:2 + cell, 2:2 + cell].astype(np.float64).var() > 0    # the image cell is not blank
+
+    # What each cell shows (attention_cells: overlay = 0.4 image + 0.6 heat, patch blocks of 24 px).
+    pixels = png_pixels(path, size=grid_size(1 + 2 * heads, 2, cell))
+    attention, masks = cls_attention(vit, images), attention_masks(cls_attention(vit, images))
+    shown = F.interpolate(denormalize(images, mean, std), size=(cell, cell), mode="bilinear", align_corners=False)
+    lut = colormaps["inferno"](np.linspace(0.0, 1.0, 256))[:, :3] * 255
+    block = cell // 4                                                   # 4 x 4 patches of 4 px, enlarged x6
+    heats = []
+    for i in range(2):
+        image = grid_cell(pixels, 0, i, cell)
+        np.testing.assert_allclose(image, shown[i].permute(1, 2, 0).numpy() * 255, atol=1)   # the input itself
+        for h in range(heads):
+            overlay = grid_cell(pixels, 1 + h, i, cell)
+            assert np.abs(overlay - image).mean() > 20                  # the heat map is drawn over the image
+            heat = ((overlay - 0.4 * image) / 0.6).reshape(4, block, 4, block, 3)
+            assert np.ptp(heat, axis=(1, 3)).max() <= 3                # one colour per patch
+            want = lut[(attention[i, h] / attention[i, h].max() * 255).round().long().numpy()]
+            np.testing.assert_allclose(heat.mean(axis=(1, 3)), want, atol=2)   # inferno of this head's map
+            heats.append(heat.mean(axis=(1, 3)))
+            masked = grid_cell(pixels, 1 + heads + h, i, cell)
+            keep = masks[i, h].repeat_interleave(block, 0).repeat_interleave(block, 1).numpy()[..., None]
+            assert 0 < keep.mean() < 1                                  # some patches kept, some dimmed
+            dimmed = 0.25 * image + np.array([0.1, 0.1, 0.35]) * 255   # outside the mask: dark blue
+            np.testing.assert_allclose(masked, np.where(keep, image, dimmed), atol=1)
+    assert np.abs(heats[0] - heats[heads]).max() > 1                   # another image, another heat map

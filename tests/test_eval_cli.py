@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import enlarged, grid_cell, png_pixels, tile_count
+from matplotlib import colormaps
 from PIL import Image
 
 import fdino
 from fdino.checkpoint import save_checkpoint
 from fdino.eval.cli import register
-from fdino.eval.render import cell_scale, grid_size
+from fdino.eval.render import CAPTION, cell_scale, grid_size
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,6 +115,20 @@ def test_attention_writes_one_grid_per_image(ckpt, data, tmp_path):
     heads = 2  # the smoke preset
     pixels = np.asarray(Image.open(written[0]), dtype=np.float64)
     assert pixels.shape == (*grid_size(1 + 2 * heads, 1, 16 * cell_scale(16)), 3) and pixels.var() > 0
+    # Each grid: its file enlarged (16 px -> 96), heat maps over it, masks dimming part of it.
+    cell, heats = 16 * cell_scale(16), []
+    for path, source in zip(written, files):
+        pixels = png_pixels(path, size=grid_size(1 + 2 * heads, 1, cell))
+        image = grid_cell(pixels, 0, 0, cell)
+        np.testing.assert_allclose(image, enlarged(source, cell), atol=1)
+        for h in range(heads):
+            overlay = grid_cell(pixels, 1 + h, 0, cell)
+            assert np.abs(overlay - image).mean() > 20, "no heat map over the image"
+            heats.append((overlay - 0.4 * image) / 0.6)                # attention_cells: 0.4 image + 0.6 heat
+            dimmed = (np.abs(grid_cell(pixels, 1 + heads + h, 0, cell) - image).max(axis=-1) > 10).mean()
+            assert 0.1 < dimmed < 0.9, f"the mask dims {dimmed:.0%} of the image"
+    assert np.abs(heats[0] - heats[heads]).max() > 5                  # the two files' maps differ
+    png_pixels(written[2], size=grid_size(1 + 2 * heads, 1, cell))
 
 
 def test_embed_then_search_finds_the_query_itself(ckpt, data, tmp_path, capsys):
@@ -125,6 +141,12 @@ def test_embed_then_search_finds_the_query_itself(ckpt, data, tmp_path, capsys):
     score, path = lines[1].split()
     assert path == str(query) and float(score) == pytest.approx(1.0, abs=1e-3)
     assert np.asarray(Image.open(tmp_path / "s.png"), dtype=np.float64).var() > 0
+    # The query, then its 3 matches, the first of which is the query itself.
+    pixels = png_pixels(tmp_path / "s.png", size=grid_size(1, 4, 96, captions=True))
+    assert tile_count(pixels[2:98]) == 4
+    tiles = [grid_cell(pixels, 0, j, 96, band=CAPTION) for j in range(4)]
+    np.testing.assert_allclose(tiles[0], enlarged(query, 96), atol=1)
+    assert np.array_equal(tiles[1], tiles[0]) and np.abs(tiles[2] - tiles[0]).mean() > 5
 
 
 def test_viz_writes_scatter_plots_and_patch_pca(ckpt, data, tmp_path):
@@ -133,6 +155,16 @@ def test_viz_writes_scatter_plots_and_patch_pca(ckpt, data, tmp_path):
     for name in ("pca.png", "tsne.png", "patch-pca.png"):
         pixels = np.asarray(Image.open(tmp_path / "viz" / name).convert("RGB"), dtype=np.float64)
         assert pixels.var() > 0, name
+    for name in ("pca.png", "tsne.png"):
+        pixels = png_pixels(tmp_path / "viz" / name, size=(800, 800))
+        for j, label in enumerate(("blue", "red")):  # classes in tab10 colours, points away from the legend
+            ys, xs = np.nonzero(np.abs(pixels - np.array(colormaps["tab10"].colors[j]) * 255).max(axis=-1) < 8)
+            assert len(xs) and max(np.ptp(xs), np.ptp(ys)) > 30, f"{name}: no {label} points"
+    pixels = png_pixels(tmp_path / "viz" / "patch-pca.png", size=grid_size(2, 2, 96))
+    for i in range(2):  # under each image, 4 x 4 patches of one colour each
+        patches = grid_cell(pixels, 1, i, 96).reshape(4, 24, 4, 24, 3)
+        assert np.ptp(patches, axis=(1, 3)).max() == 0
+        assert len(np.unique(patches[:, 0, :, 0].reshape(-1, 3), axis=0)) > 8
 
 
 def test_user_errors_are_one_line_and_exit_code_2(tmp_path, data, capsys):

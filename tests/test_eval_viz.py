@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from helpers import grid_cell, png_pixels, tile_count
 from hypothesis import given
 from hypothesis import strategies as st
+from matplotlib import colormaps
 from PIL import Image
 
 from fdino.eval import (Embeddings, embed_folder, load_embeddings, patch_pca_rgb, patch_tokens, pca,
@@ -71,12 +75,35 @@ def test_scatter_png_is_drawn(tmp_path):
                         size_px=300)
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
     assert pixels.shape == (300, 300, 3) and pixels.var() > 0
+    pixels = png_pixels(path, size=(300, 300))
+    for j in range(4):  # each class in its tab10 colour, its points reaching beyond its legend marker (~10 px)
+        ys, xs = np.nonzero(np.abs(pixels - np.array(colormaps["tab10"].colors[j]) * 255).max(axis=-1) < 8)
+        assert len(xs) > 100 and max(np.ptp(xs), np.ptp(ys)) > 30, f"class {j} has no points drawn"
+
+
+def test_png_check_rejects_blank_and_wrong_pictures(tmp_path):
+    """`helpers.png_pixels`, which the picture tests rely on, fails on what a broken plot writes."""
+    noise = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    assert png_pixels(tmp_path / "noise.png", size=(40, 60)).shape == (40, 60, 3)
+    checker = np.kron(np.indices((4, 6)).sum(axis=0) % 2, np.ones((10, 10)))[..., None] * np.full(3, 255)
+    bad = {"white": np.full((40, 60, 3), 255), "grey": np.full((40, 60, 3), 128), "two-tone": checker}
+    for name, array in bad.items():
+        Image.fromarray(array.astype(np.uint8)).save(tmp_path / f"{name}.png")
+        with pytest.raises(AssertionError, match="blank|distinct colours"):
+            png_pixels(tmp_path / f"{name}.png")
+    with pytest.raises(AssertionError, match="expected"):
+        png_pixels(tmp_path / "noise.png", size=(60, 40))
+    Image.fromarray(noise).save(tmp_path / "noise.jpg")
+    with pytest.raises(AssertionError, match="not a PNG"):
+        png_pixels((tmp_path / "noise.jpg").read_bytes())
 
 
 # --- patch features -------------------------------------------------------------------------------------
 def test_patch_pca_colours_and_figure(tmp_path):
     vit = tiny_vit()
     images = torch.randn(3, 3, 16, 16)
+    images[2] = images[0]                                            # same image, same patch colours
     tokens = patch_tokens(vit, images)
     assert tokens.shape == (3, 4, 4, 32)
     rgb = patch_pca_rgb(tokens)
@@ -89,6 +116,18 @@ def test_patch_pca_colours_and_figure(tmp_path):
     path = save_patch_pca(vit, images, tmp_path / "patch.png", mean=(0.5,) * 3, std=(0.25,) * 3)
     pixels = np.asarray(Image.open(path), dtype=np.float64)
     assert pixels.shape == (*grid_size(2, 3, 16 * cell_scale(16)), 3) and pixels.var() > 0
+    # Top row: the images; bottom row: one PCA colour per 4 px patch (enlarged x6), as patch_pca_rgb says.
+    cell = 16 * cell_scale(16)
+    pixels = png_pixels(path, size=grid_size(2, 3, cell))
+    shown = F.interpolate((images * 0.25 + 0.5).clamp(0, 1), size=(cell, cell), mode="bilinear", align_corners=False)
+    for i in range(3):
+        np.testing.assert_allclose(grid_cell(pixels, 0, i, cell), shown[i].permute(1, 2, 0).numpy() * 255, atol=1)
+        patches = grid_cell(pixels, 1, i, cell).reshape(4, cell // 4, 4, cell // 4, 3)
+        assert np.ptp(patches, axis=(1, 3)).max() == 0
+        np.testing.assert_allclose(patches[:, 0, :, 0], rgb[i].permute(1, 2, 0).numpy() * 255, atol=1)
+    assert len(np.unique(rgb.permute(0, 2, 3, 1).reshape(-1, 3).numpy(), axis=0)) == 32  # 3 images, 2 distinct
+    assert np.array_equal(grid_cell(pixels, 1, 0, cell), grid_cell(pixels, 1, 2, cell))
+    assert np.abs(grid_cell(pixels, 1, 0, cell) - grid_cell(pixels, 1, 1, cell)).mean() > 20
 
 
 # --- embed and search -----------------------------------------------------------------------------------
@@ -147,3 +186,14 @@ def test_search_grid_png(tmp_path):
     pixels = np.asarray(Image.open(path), dtype=np.float64)
     assert pixels.shape == (*grid_size(1, 4, 96, captions=True), 3) and pixels.var() > 0
     assert pixels.shape[0] == 96 + CAPTION + 4
+    # Four tiles on white, each its image enlarged to 96 px, each with a caption of its own.
+    pixels = png_pixels(path, size=grid_size(1, 4, 96, captions=True))
+    assert tile_count(pixels[2:98]) == 4
+    captions = []
+    for j, image in enumerate([query, *results]):
+        want = F.interpolate(image[None], size=(96, 96), mode="bilinear", align_corners=False).clamp(0, 1)[0]
+        np.testing.assert_allclose(grid_cell(pixels, 0, j, 96, band=CAPTION), want.permute(1, 2, 0).numpy() * 255,
+                                   atol=1)
+        captions.append(pixels[98:98 + CAPTION, 2 + 98 * j:2 + 98 * j + 96])
+        assert (captions[-1] < 128).any(axis=-1).sum() > 20, f"caption {j} has no text"
+    assert all(np.abs(a - b).mean() > 1 for a, b in itertools.pairwise(captions))

@@ -14,8 +14,10 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from helpers import enlarged, grid_cell, png_pixels, tile_count
 
 pytest.importorskip("fastapi", reason="needs the serve extras: pip install 'fdino[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extras: pip install 'fdino[serve]'")
@@ -28,6 +30,7 @@ from PIL import Image  # noqa: E402
 import fdino  # noqa: E402
 from fdino.checkpoint import save_checkpoint  # noqa: E402
 from fdino.data import build_dataset  # noqa: E402
+from fdino.eval.render import CAPTION, grid_size  # noqa: E402
 from fdino.weights import ExportInfo, LoadedModel, load_model  # noqa: E402
 from fdino.serve import (  # noqa: E402
     BackgroundServer,
@@ -146,6 +149,19 @@ def test_attention_png_shows_query_and_map(client, images):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     image = Image.open(io.BytesIO(r.content))
     assert image.size == (2 * 224 + 4, 224)  # 32 px input enlarged x7, side by side with a 4 px gap
+    # Left: the query itself; right: it under a heat map of one colour per 4 px patch (28 px blocks),
+    # 0.4 image + 0.6 heat (FeatureService.attention_png); another query gets another heat map.
+    heats = []
+    for path in indexed(images)[:2]:
+        r = client.post("/attention", files=upload(path))
+        pixels = png_pixels(r.content, size=(224, 2 * 224 + 4))
+        left, gap, right = pixels[:, :224], pixels[:, 224:228], pixels[:, 228:]
+        np.testing.assert_allclose(left, enlarged(path, 224), atol=1)
+        assert (gap == 255).all() and np.abs(right - left).mean() > 20
+        heat = ((right - 0.4 * left) / 0.6).reshape(8, 28, 8, 28, 3)
+        assert np.ptp(heat, axis=(1, 3)).max() <= 3
+        heats.append(heat.mean(axis=(1, 3)))
+    assert np.abs(heats[0] - heats[1]).max() > 5
 
 
 def test_page_is_self_contained(client):
@@ -434,6 +450,11 @@ def test_serve_cli_defaults_and_service(run_dir, images, tmp_path):
         assert main(["search", str(svc.index.cache_path), str(query), "--k", "2", "--device", "cpu",
                      "--out", str(tmp_path / "search.png")]) == 0
     assert (tmp_path / "search.png").exists()
+    pixels = png_pixels(tmp_path / "search.png", size=grid_size(1, 3, 96, captions=True))  # query + 2 matches
+    assert tile_count(pixels[2:98]) == 3
+    tiles = [grid_cell(pixels, 0, j, 96, band=CAPTION) for j in range(3)]
+    np.testing.assert_allclose(tiles[0], enlarged(query, 96), atol=1)
+    assert np.array_equal(tiles[1], tiles[0]) and np.abs(tiles[2] - tiles[0]).mean() > 5  # itself, then another
     first = out.getvalue().splitlines()[1].split()
     assert float(first[0]) > 0.9999 and Path(first[1]) == query.resolve()
 

@@ -7,12 +7,15 @@ no sandbox, no GPU, no background networking, a fresh empty profile.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from helpers import enlarged, png_pixels
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
@@ -95,6 +98,24 @@ def test_upload_shows_similar_images_and_attention(server, browser):
         "const i = document.getElementById('attention-image');"
         "return !document.getElementById('attention').hidden && i.complete && i.naturalWidth > 0"))
     assert browser.find_element(By.ID, "error").text == ""
+    # The attention image shown is the query (left) under a heat map (right), not a blank picture.
+    shown = browser.execute_async_script(READ_ATTENTION_IMAGE)
+    assert shown.startswith("data:image/png;base64,"), shown[:200]
+    pixels = png_pixels(base64.b64decode(shown.split(",", 1)[1]), size=(224, 2 * 224 + 4))
+    np.testing.assert_allclose(pixels[:, :224], enlarged(query, 224), atol=1)
+    assert np.abs(pixels[:, 228:] - pixels[:, :224]).mean() > 20
+
+
+# The bytes behind the page's attention <img> (a blob: URL) as a data: URL, handed to Selenium's callback.
+READ_ATTENTION_IMAGE = """
+const done = arguments[arguments.length - 1];
+fetch(document.getElementById("attention-image").src).then(r => r.blob()).then(blob => {
+  const reader = new FileReader();
+  reader.onload = () => done(reader.result);
+  reader.onerror = () => done("error: FileReader failed");
+  reader.readAsDataURL(blob);
+}, e => done("error: " + e));
+"""
 
 
 def test_bad_upload_shows_the_error(server, browser, tmp_path):

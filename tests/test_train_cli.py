@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import grid_cell, png_pixels
+from matplotlib import colors
 from PIL import Image
 
 import fdino
 from fdino import cli
 from fdino.checkpoint import list_checkpoints, load_checkpoint
+from fdino.eval.render import cell_scale, grid_size
 
 # Fast, eager, deterministic, no eval noise: what the process-level tests share.
 COMMON = ["--preset", "smoke", "--workers", "0", "--no-progress", "--no-tensorboard", "--eval-samples", "40",
@@ -58,6 +61,17 @@ def test_cli_train_compiled_end_to_end(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in records if "loss" in r)
     assert [p.name for p in list_checkpoints(run_dir)] == ["ckpt-00000004.pt", "ckpt-00000008.pt"]
     assert (run_dir / "curves.png").stat().st_size > 0 and (run_dir / "attention" / "teacher.png").stat().st_size > 0
+    # curves.png (10 x 3.8 in at 100 dpi): the loss line across the left plot, the k-NN line across the right.
+    curves = png_pixels(run_dir / "curves.png", size=(380, 1000))
+    for name, half in (("tab:blue", curves[:, :500]), ("tab:green", curves[:, 500:])):
+        xs = np.nonzero(np.abs(half - np.array(colors.to_rgb(name)) * 255).max(axis=-1) < 30)[1]
+        assert len(xs) > 100 and np.ptp(xs) > 300, f"curves.png: no {name} line across its plot"
+    # The teacher's attention on 1 held-out image (20 px files, evaluated at 16): image, 2 heat maps, 2 masks.
+    cell = 16 * cell_scale(16)
+    attention = png_pixels(run_dir / "attention" / "teacher.png", size=grid_size(1 + 2 * 2, 1, cell))
+    for row in range(1, 5):
+        drawn = np.abs(grid_cell(attention, row, 0, cell) - grid_cell(attention, 0, 0, cell)).mean()
+        assert drawn > 10, f"attention row {row} shows only the image"
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["config"]["steps_per_epoch"] == 6 and meta["options"]["compile"] is True
 
