@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -21,3 +22,8 @@ def test_custom_loop_example_runs_as_written(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
     assert [line.split()[0] for line in lines] == ["0", "1", "2"]
     assert all("'loss'" in line for line in lines)
+    # Each line is `step {'loss': value, ...}`: the loss parses as a number and is finite (`nan`/`inf` parse too).
+    losses = [re.search(r"'loss': ([^,}]+)", line) for line in lines]
+    assert all(losses), lines
+    values = [float(m.group(1)) for m in losses]
+    assert all(math.isfinite(v) for v in values), f"non-finite loss printed: {lines}"
