@@ -22,7 +22,7 @@ import sys
 import typing
 from typing import Any
 
-from . import presets
+from . import presets, train
 from .config import DinoConfig, config_fields, field_doc
 from .config_file import config_file, field_type
 from .presets import PRESETS
@@ -149,8 +149,6 @@ def train_settings(argv: list[str]) -> tuple[DinoConfig, TrainOptions]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from . import train
-
     try:
         if args.resume:
             given = sorted(_config_overrides(args)) + [f"--{n}" for n in ("preset", "config") if getattr(args, n)]

@@ -7,8 +7,11 @@ per config.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
+import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -269,9 +272,6 @@ def field_doc(name: str, cls: type = DinoConfig) -> str:
 
 @functools.cache
 def _field_docs(cls: type) -> dict[str, str]:
-    import ast
-    import inspect
-    import textwrap
 
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body

@@ -77,7 +77,7 @@ def _read(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     elif path.suffix == ".toml":
         try:
-            import tomllib
+            import tomllib  # noqa: PLC0415  (3.11+; 3.10 gets the message below)
         except ModuleNotFoundError:  # Python 3.10: no TOML reader in the standard library
             raise ValueError(f"{path}: reading TOML needs Python >= 3.11 (tomllib); on 3.10 write the same "
                              "tables as JSON (the run.json format)") from None

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 
 from .state import TrainState
 
@@ -103,8 +104,6 @@ def mean_reducer(group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
 
 def broadcast_state_(state: TrainState, src: int = 0, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """Make every worker's state bitwise equal to rank ``src``'s (after init or resume)."""
-    import torch.utils._pytree as pytree
-
     leaves = [t for t in pytree.tree_leaves(state) if t.device == state.device]
     for bucket in _buckets(leaves, bucket_bytes):
         flat = torch.cat([t.reshape(-1).to(bucket[0].dtype) for t in bucket])

@@ -49,7 +49,7 @@ def dino_loss(
     batch = check_loss_inputs(student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops)
     choice = resolve_impl(impl, student_logits, teacher_logits, n_global_crops)
     if choice == "triton":
-        from .kernels.dino_loss import dino_loss_triton_unchecked
+        from .kernels.dino_loss import dino_loss_triton_unchecked  # noqa: PLC0415  (Triton is optional)
 
         return dino_loss_triton_unchecked(
             student_logits, teacher_logits, center,
@@ -107,7 +107,7 @@ def kernel_applies(device_type: str, n_crops: int, n_global_crops: int) -> bool:
 
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401, PLC0415  (a probe: is the optional package installed?)
     except ImportError:
         return False
     return True

@@ -23,7 +23,7 @@ class MetricsLog:
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (slow import, only when asked)
 
                 # purge_step drops events a killed run logged after its last checkpoint.
                 self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step or None)
@@ -63,10 +63,10 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def save_curves(run_dir: Path, history: list[dict[str, Any]], records: list[dict[str, Any]]) -> Path:
     """loss (left) and k-NN top-1 (right) against the step, as curves.png."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415  (slow import, only when plotting)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (after choosing the headless backend)
 
     fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.8))
     # A resumed run may have logged steps past its last checkpoint before dying: keep the last write.

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .checks import check_int, check_real
 from .config import DinoConfig
+from .data import build_dataset, multicrop_loader
 from .diagnostics import collapse_report
 from .distributed import DistInfo, broadcast_state_, init_from_env, mean_reducer, shutdown
 from .loop_state import LoopState, StepTimer
@@ -149,8 +151,6 @@ def _train(cfg: DinoConfig, opts: TrainOptions, *, resume_from: Path | None, ove
 
 def _train_process(cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_from: Path | None,
                    overwrite: bool) -> dict[str, Any]:
-    from .data import build_dataset, multicrop_loader
-
     device = torch.device(_resolve_device(opts.device, info.device))
     if device.type == "cuda" and info.enabled:
         device = info.device
@@ -301,7 +301,5 @@ def _save(run_dir: Path, state: TrainState, metrics: dict[str, torch.Tensor], lo
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                 desc="fdino train")

@@ -15,6 +15,10 @@ from torch.utils.data import Dataset, Subset
 
 from .checkpoint import backbone_weights
 from .config import DinoConfig
+from .data import EvalTransform, build_dataset
+from .eval.attention import save_attention_grid
+from .eval.features import extract_features, raw_pixel_knn
+from .eval.knn import knn_classify
 from .models import create_backbone, is_vit
 from .state import TrainState
 
@@ -51,8 +55,6 @@ class EvalSets:
 
     @classmethod
     def build(cls, opts, cfg: DinoConfig, device: torch.device) -> "EvalSets":
-        from .data import EvalTransform, build_dataset
-
         backbone = create_backbone(cfg.replace(grad_checkpointing=False), drop_path_rate=0.0).to(device).eval()
         transform = EvalTransform(cfg.global_crop_size)
         memory = query = None
@@ -81,21 +83,15 @@ class EvalSets:
         return cls(memory, query, backbone, transform, opts.knn_k, device, num_classes, note)
 
     def features(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        from .eval.features import extract_features
-
         return extract_features(self.backbone, dataset, batch_size=256, device=self.device, transform=self.transform)
 
     def raw_pixel_knn(self) -> float:
-        from .eval.features import raw_pixel_knn
-
         result = raw_pixel_knn(self.memory, self.query, ks=(self.k,), num_classes=self.num_classes or None)
         return result[self.k]["top1"]
 
 
 def evaluate_knn(evals: EvalSets, state: TrainState, which: str = "teacher") -> float:
     """Weighted k-NN top-1 (%) of the teacher's (or student's) backbone features."""
-    from .eval.knn import knn_classify
-
     evals.backbone.load_state_dict(backbone_weights(state, which), strict=True)
     bank, bank_labels = evals.features(evals.memory)
     queries, query_labels = evals.features(evals.query)
@@ -108,8 +104,6 @@ def save_attention(run_dir: Path, evals: EvalSets | None, state: TrainState, n_i
     """Attention maps of the trained teacher on the first query images (ViT backbones only)."""
     if n_images <= 0 or evals is None or not is_vit(evals.backbone) or evals.query is None:
         return None
-    from .eval.attention import save_attention_grid
-
     evals.backbone.load_state_dict(backbone_weights(state, "teacher"), strict=True)
     images = torch.stack([evals.transform(evals.query[i][0]) for i in range(min(n_images, len(evals.query)))])
     return save_attention_grid(evals.backbone, images.to(evals.device), run_dir / "attention" / "teacher.png",

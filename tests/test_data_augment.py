@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -49,7 +50,7 @@ def test_config_needs_two_crops_and_is_frozen_and_keyword_only():
     with pytest.raises(ValueError, match="n_local_crops"):
         MultiCropConfig(n_global_crops=1, n_local_crops=0)
     c = MultiCropConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         c.n_local_crops = 3
     with pytest.raises(TypeError):
         MultiCropConfig(2)  # noqa  (keyword-only)
