@@ -113,7 +113,9 @@ def loss_triton(student, teacher, center, student_temp, teacher_temp):
 def make_providers(compile_backend: str = "inductor") -> dict:
     """Name -> provider; ``compile_backend`` lets the CPU smoke test skip the inductor build."""
     compiled = torch.compile(loss_einsum, backend=compile_backend, dynamic=False)
-    return dict(pair_loop=loss_pair_loop, lsm_once=loss_lsm_once, einsum=loss_einsum, compiled=compiled, triton=loss_triton)
+    return dict(
+        pair_loop=loss_pair_loop, lsm_once=loss_lsm_once, einsum=loss_einsum, compiled=compiled, triton=loss_triton
+    )
 
 
 def make_inputs(batch, k, dtype, device, n_crops=N_CROPS, seed=0):
@@ -223,8 +225,17 @@ def make_row(provider, mode, batch, k, dtype, median_ms, peak_mb, copy_bw, n_cro
     nbytes = model_bytes(mode, batch, k, dtype, n_crops)
     gbps = nbytes / median_ms / 1e6
     return dict(
-        provider=provider, mode=mode, dtype=str(dtype).removeprefix("torch."), B=batch, V=n_crops, K=k,
-        median_ms=median_ms, model_bytes=nbytes, gbps=gbps, pct_of_copy=100 * gbps / copy_bw, peak_mb=peak_mb,
+        provider=provider,
+        mode=mode,
+        dtype=str(dtype).removeprefix("torch."),
+        B=batch,
+        V=n_crops,
+        K=k,
+        median_ms=median_ms,
+        model_bytes=nbytes,
+        gbps=gbps,
+        pct_of_copy=100 * gbps / copy_bw,
+        peak_mb=peak_mb,
     )
 
 
@@ -234,8 +245,13 @@ def write_results(rows, copy_bw, gpu=None, out_dir=RESULTS_DIR):
     import triton
 
     meta = dict(
-        gpu=gpu, torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        python=platform.python_version(), date=time.strftime("%Y-%m-%d %H:%M:%S"), copy_gbps=copy_bw,
+        gpu=gpu,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+        copy_gbps=copy_bw,
     )
     by_case = {}
     for r in rows:
@@ -260,8 +276,17 @@ def write_results(rows, copy_bw, gpu=None, out_dir=RESULTS_DIR):
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [r["dtype"], r["B"], r["K"], r["mode"], r["provider"], f"{r['median_ms']:.4f}",
-                 f"{r['model_bytes'] / 1e6:.1f}", f"{r['gbps']:.0f}", f"{r['pct_of_copy']:.1f}"]
+        cells = [
+            r["dtype"],
+            r["B"],
+            r["K"],
+            r["mode"],
+            r["provider"],
+            f"{r['median_ms']:.4f}",
+            f"{r['model_bytes'] / 1e6:.1f}",
+            f"{r['gbps']:.0f}",
+            f"{r['pct_of_copy']:.1f}",
+        ]
         cells += [f"{r['speedup_vs'][p]:.2f}" if p in r["speedup_vs"] else "" for p in PROVIDERS]
         cells.append(f"{r['peak_mb']:.1f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -272,7 +297,10 @@ def write_results(rows, copy_bw, gpu=None, out_dir=RESULTS_DIR):
 
 CASES = [
     (dtype, batch, k, mode, provider)
-    for dtype in DTYPES for batch, k in SHAPES for mode in MODES for provider in PROVIDERS
+    for dtype in DTYPES
+    for batch, k in SHAPES
+    for mode in MODES
+    for provider in PROVIDERS
 ]
 
 
@@ -292,13 +320,16 @@ def bench():
 
 @needs_cuda
 @pytest.mark.parametrize(
-    "dtype,batch,k,mode,provider", CASES,
+    "dtype,batch,k,mode,provider",
+    CASES,
     ids=[f"{str(d).removeprefix('torch.')}-B{b}-K{k}-{m}-{p}" for d, b, k, m, p in CASES],
 )
 def test_dino_loss(benchmark, bench, dtype, batch, k, mode, provider):
     row, call = bench.measure(provider, mode, batch, k, dtype)
     benchmark.group = f"{mode} {row['dtype']} B={batch} K={k}"
-    benchmark.extra_info.update({key: row[key] for key in ("median_ms", "model_bytes", "gbps", "pct_of_copy", "peak_mb")})
+    benchmark.extra_info.update(
+        {key: row[key] for key in ("median_ms", "model_bytes", "gbps", "pct_of_copy", "peak_mb")}
+    )
 
     def synced():
         call()
@@ -317,8 +348,11 @@ def main() -> int:
     state = Bench()
     for dtype, batch, k, mode, provider in CASES:
         row, _ = state.measure(provider, mode, batch, k, dtype)
-        print(f"{row['dtype']:>8} B={batch:<4} K={k:<6} {mode:<8} {provider:<10} {row['median_ms']:9.4f} ms "
-              f"{row['gbps']:7.0f} GB/s {row['pct_of_copy']:5.1f}% copy {row['peak_mb']:9.1f} MB", flush=True)
+        print(
+            f"{row['dtype']:>8} B={batch:<4} K={k:<6} {mode:<8} {provider:<10} {row['median_ms']:9.4f} ms "
+            f"{row['gbps']:7.0f} GB/s {row['pct_of_copy']:5.1f}% copy {row['peak_mb']:9.1f} MB",
+            flush=True,
+        )
     print(f"wrote {write_results(state.rows, state.copy_gbps)}")
     return 0
 

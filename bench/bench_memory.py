@@ -31,8 +31,12 @@ def _measure_child(preset: str, batch_size: int, checkpointing: bool, device: st
     """Runs inside the subprocess; returns peak MiB (see module docstring)."""
     import fdino
 
-    cfg = fdino.presets.preset(preset, batch_size=batch_size, grad_checkpointing=checkpointing,
-                               precision="bf16" if device == "cuda" else "fp32")
+    cfg = fdino.presets.preset(
+        preset,
+        batch_size=batch_size,
+        grad_checkpointing=checkpointing,
+        precision="bf16" if device == "cuda" else "fp32",
+    )
     state = fdino.init_state(cfg, device=device)
     sizes = [cfg.global_crop_size] * cfg.n_global_crops + [cfg.local_crop_size] * cfg.n_local_crops
     batch = [torch.randn(batch_size, 3, s, s, device=device) for s in sizes]
@@ -78,18 +82,26 @@ def write_table(rows: list[dict], preset: str, device: str) -> Path:
     else:
         machine = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     meta = {
-        "device": device, "machine": machine, "torch": torch.__version__, "python": platform.python_version(),
-        "preset": preset, "arch": cfg.arch, "crops": f"{cfg.n_global_crops}x{cfg.global_crop_size} + "
-        f"{cfg.n_local_crops}x{cfg.local_crop_size}", "out_dim": cfg.out_dim,
+        "device": device,
+        "machine": machine,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "preset": preset,
+        "arch": cfg.arch,
+        "crops": f"{cfg.n_global_crops}x{cfg.global_crop_size} + {cfg.n_local_crops}x{cfg.local_crop_size}",
+        "out_dim": cfg.out_dim,
         "what": "peak memory of two eager training steps above the state (MiB)",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"memory-{device}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [
-        f"# Peak step memory: {preset} ({meta['arch']}, {meta['crops']}, K={cfg.out_dim})", "",
+        f"# Peak step memory: {preset} ({meta['arch']}, {meta['crops']}, K={cfg.out_dim})",
+        "",
         f"Machine: {machine}; torch {torch.__version__}; {meta['what']}.",
-        "Measured by `python bench/bench_memory.py --device " + device + f" --preset {preset}`.", "",
-        "| batch | plain (MiB) | activation checkpointing (MiB) | saving |", "|---:|---:|---:|---:|",
+        "Measured by `python bench/bench_memory.py --device " + device + f" --preset {preset}`.",
+        "",
+        "| batch | plain (MiB) | activation checkpointing (MiB) | saving |",
+        "|---:|---:|---:|---:|",
     ]
     for r in rows:
         saving = f"{100 * r['saving']:.0f}%" if r["saving"] is not None else "n/a"

@@ -49,8 +49,11 @@ def measure(step_fn, cfg: fdino.DinoConfig, device: str, warmup: int, steps: int
         return time.perf_counter() - t0
 
     warm_s, timed_s = timed(warmup), timed(steps)
-    return {"warmup_s": round(warm_s, 1), "step_ms": round(1000 * timed_s / steps, 1),
-            "images_per_s": round(steps * cfg.batch_size / timed_s, 1)}
+    return {
+        "warmup_s": round(warm_s, 1),
+        "step_ms": round(1000 * timed_s / steps, 1),
+        "images_per_s": round(steps * cfg.batch_size / timed_s, 1),
+    }
 
 
 def main() -> None:
@@ -68,10 +71,21 @@ def main() -> None:
         "compiled": measure(fdino.train_step, cfg, args.device, args.warmup, args.steps),
     }
     ratio = rows["compiled"]["images_per_s"] / rows["eager"]["images_per_s"]
-    machine = (torch.cuda.get_device_name() if args.device == "cuda"
-               else f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
-    record = {"preset": args.preset, "arch": cfg.arch, "batch_size": cfg.batch_size, "precision": precision,
-              "machine": machine, "torch": torch.__version__, "rows": rows, "compiled_over_eager": round(ratio, 2)}
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    record = {
+        "preset": args.preset,
+        "arch": cfg.arch,
+        "batch_size": cfg.batch_size,
+        "precision": precision,
+        "machine": machine,
+        "torch": torch.__version__,
+        "rows": rows,
+        "compiled_over_eager": round(ratio, 2),
+    }
     RESULTS.mkdir(exist_ok=True)
     stem = RESULTS / f"step-{args.device}-{args.preset}"
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 import fdino.step
 from fdino import presets
-from fdino.config import DinoConfig
 from fdino.checkpoint import load_checkpoint
+from fdino.config import DinoConfig
 from fdino.run_log import read_metrics
 from fdino.train import TrainOptions, run
 from fdino.train_eval import EvalSets, evaluate_knn
@@ -43,8 +43,16 @@ from fdino.train_eval import EvalSets, evaluate_knn
 CONTRASTIVE_TEMPERATURE = 0.2
 
 
-def nt_xent_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor, *,
-                 student_temp, teacher_temp, n_global_crops: int = 2, impl: str = "auto"):
+def nt_xent_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    student_temp,
+    teacher_temp,
+    n_global_crops: int = 2,
+    impl: str = "auto",
+):
     """NT-Xent over the first two crops, with `fdino.loss.dino_loss`'s signature and outputs.
 
     Rows ``[0, B)`` and ``[B, 2B)`` of ``student_logits`` are the two global crops of B images;
@@ -83,26 +91,53 @@ def last_diagnostics(run_dir: Path) -> dict:
     return {k: round(rows[-1][k], 3) for k in DIAGNOSTICS if k in rows[-1]} if rows else {}
 
 
-def probe(overrides: dict, *, preset: str = "small32_resnet", steps: int = 0, name: str = "dino",
-          eval_every: int = 100, eval_samples: int = 2000, run_dir: str | None = None) -> dict:
+def probe(
+    overrides: dict,
+    *,
+    preset: str = "small32_resnet",
+    steps: int = 0,
+    name: str = "dino",
+    eval_every: int = 100,
+    eval_samples: int = 2000,
+    run_dir: str | None = None,
+) -> dict:
     """Train one variant eagerly and return its k-NN numbers (percent) and wall time."""
     # from_dict turns JSON lists into tuples and names unknown fields.
     cfg = DinoConfig.from_dict({**presets.preset(preset).to_dict(), **overrides})
     with contextlib.ExitStack() as stack:
         folder = run_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fdino-probe-"))
-        opts = TrainOptions(data="shapes10", run_dir=folder, compile=False, workers=1, log_every=50,
-                            ckpt_every=10**6, max_steps=steps, eval_every=eval_every, eval_samples=eval_samples,
-                            progress=False, tensorboard=False, attention_images=0)
+        opts = TrainOptions(
+            data="shapes10",
+            run_dir=folder,
+            compile=False,
+            workers=1,
+            log_every=50,
+            ckpt_every=10**6,
+            max_steps=steps,
+            eval_every=eval_every,
+            eval_samples=eval_samples,
+            progress=False,
+            tensorboard=False,
+            attention_images=0,
+        )
         started = time.perf_counter()
         with objective(name):
             summary = run(cfg, opts, overwrite=True)
         state, _ = load_checkpoint(folder)
         student = evaluate_knn(EvalSets.build(opts, cfg, torch.device("cpu")), state, "student")
         final = last_diagnostics(Path(folder))
-    return {"objective": name, "overrides": overrides, "steps": summary["steps"],
-            "init": summary["knn_top1_init"], "teacher": summary["knn_top1_teacher"], "student": student,
-            "raw_pixels": summary["knn_top1_raw_pixels"], "history": summary["knn_history"], "final": final,
-            "wall_s": round(time.perf_counter() - started, 1)}
+    return {
+        "objective": name,
+        "overrides": overrides,
+        "steps": summary["steps"],
+        "init": summary["knn_top1_init"],
+        "teacher": summary["knn_top1_teacher"],
+        "student": student,
+        "raw_pixels": summary["knn_top1_raw_pixels"],
+        "history": summary["knn_history"],
+        "final": final,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,8 +31,11 @@ def state_to_dict(state: TrainState) -> dict[str, Any]:
         "student_buffers": dict(state.student_buffers),
         "teacher": dict(state.teacher),
         "teacher_buffers": dict(state.teacher_buffers),
-        "opt": {"exp_avg": dict(state.opt.exp_avg), "exp_avg_sq": dict(state.opt.exp_avg_sq),
-                "count": dict(state.opt.count)},
+        "opt": {
+            "exp_avg": dict(state.opt.exp_avg),
+            "exp_avg_sq": dict(state.opt.exp_avg_sq),
+            "count": dict(state.opt.count),
+        },
         "center": state.center,
         "step": state.step,
         "rng": state.rng,
@@ -42,11 +45,18 @@ def state_to_dict(state: TrainState) -> dict[str, Any]:
 def state_from_dict(data: dict[str, Any], device: str | torch.device | None = None) -> TrainState:
     """Inverse of `state_to_dict`; tensors go to ``device`` (the RNG counter stays on the CPU)."""
     move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
-    trees = {k: {n: move(t) for n, t in data[k].items()} for k in ("student", "student_buffers", "teacher", "teacher_buffers")}
+    trees = {
+        k: {n: move(t) for n, t in data[k].items()}
+        for k in ("student", "student_buffers", "teacher", "teacher_buffers")
+    }
     opt = AdamWState(**{k: {n: move(t) for n, t in data["opt"][k].items()} for k in ("exp_avg", "exp_avg_sq", "count")})
     return TrainState(
-        cfg=DinoConfig.from_dict(data["config"]), opt=opt, center=move(data["center"]),
-        step=move(data["step"]), rng=data["rng"].cpu(), **trees,
+        cfg=DinoConfig.from_dict(data["config"]),
+        opt=opt,
+        center=move(data["center"]),
+        step=move(data["step"]),
+        rng=data["rng"].cpu(),
+        **trees,
     )
 
 
@@ -63,8 +73,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(run_dir: str | Path, state: TrainState, loop: dict[str, Any] | None = None,
-                    *, keep: int = 3) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, state: TrainState, loop: dict[str, Any] | None = None, *, keep: int = 3
+) -> Path:
     """Write ``ckpt-<step>.pt`` atomically and keep only the newest ``keep`` checkpoints.
 
     ``loop`` holds the training loop's position and host-side state (epoch, batch index, data
@@ -128,5 +139,4 @@ def backbone_weights(state: TrainState, which: str = "teacher") -> dict[str, tor
     params = state.teacher if which == "teacher" else state.student
     buffers = state.teacher_buffers if which == "teacher" else state.student_buffers
     prefix = "backbone."
-    return {k[len(prefix):]: v for k, v in {**params, **buffers}.items() if k.startswith(prefix)}
-
+    return {k[len(prefix) :]: v for k, v in {**params, **buffers}.items() if k.startswith(prefix)}

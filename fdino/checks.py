@@ -34,8 +34,15 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
     return value
 
 
-def check_real(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
-               lo_open: bool = False, hi_open: bool = False) -> float:
+def check_real(
+    name: str,
+    value: Any,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
+) -> float:
     """``value`` if it is a finite int or float (not a bool) within the bounds; else `fail`.
 
     The bounds are closed unless ``lo_open``/``hi_open``; ``None`` leaves that side unbounded.

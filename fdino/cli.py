@@ -80,12 +80,19 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue  # derived from the data set size
         kind = field_type(DinoConfig, f)
         default = getattr(defaults, f.name)
-        shown = ",".join(f"{k}={v}" for k, v in default) if f.name in ("backbone_kwargs", "augment") else (
-            ",".join(str(v) for v in default) if isinstance(default, tuple) else default)
+        shown = (
+            ",".join(f"{k}={v}" for k, v in default)
+            if f.name in ("backbone_kwargs", "augment")
+            else (",".join(str(v) for v in default) if isinstance(default, tuple) else default)
+        )
         group.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
+            f"--{f.name.replace('_', '-')}",
+            dest=f"cfg_{f.name}",
+            default=None,
+            metavar=f.name.upper(),
             type=lambda text, n=f.name, k=kind: _parse_value(n, k, text),
-            help=f"{field_doc(f.name)} (DinoConfig default: {shown})")
+            help=f"{field_doc(f.name)} (DinoConfig default: {shown})",
+        )
 
 
 def _add_option_flags(parser: argparse.ArgumentParser) -> None:
@@ -99,22 +106,37 @@ def _add_option_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             choices = f.metadata.get("choices")
-            group.add_argument(flag, dest=f.name, default=None, help=help_text, choices=choices,
-                               metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
-                               type=lambda text, n=f.name, k=kind: _parse_value(n, k, text))
+            group.add_argument(
+                flag,
+                dest=f.name,
+                default=None,
+                help=help_text,
+                choices=choices,
+                metavar="{" + ",".join(choices) + "}" if choices else f.name.upper(),
+                type=lambda text, n=f.name, k=kind: _parse_value(n, k, text),
+            )
 
 
 def add_train_parser(subparsers) -> None:
     presets_help = "; ".join(f"{name}: {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in PRESETS.items())
     p = subparsers.add_parser(
-        "train", help="train DINO on a data set (the main job)",
+        "train",
+        help="train DINO on a data set (the main job)",
         description="Train DINO; resume with --resume RUN_DIR. Settings, later ones winning: the preset, the "
-                    "--config file, the flags. Presets: " + presets_help)
-    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help=f"base configuration (default: the config file's preset, else {DEFAULT_PRESET})")
-    p.add_argument("--config", metavar="FILE",
-                   help="settings file: TOML with an optional top-level preset and [config] (DinoConfig) and "
-                        "[options] (TrainOptions) tables, or any run's run.json; flags override it")
+        "--config file, the flags. Presets: " + presets_help,
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help=f"base configuration (default: the config file's preset, else {DEFAULT_PRESET})",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings file: TOML with an optional top-level preset and [config] (DinoConfig) and "
+        "[options] (TrainOptions) tables, or any run's run.json; flags override it",
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
     _add_option_flags(p)
@@ -169,8 +191,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 # Subcommand modules, and the extra (pyproject optional-dependencies) whose packages they may import.
 _SUBCOMMANDS = {"fdino.eval.cli": None, "fdino.export.cli": "export", "fdino.serve.cli": "serve"}
-_EXTRA_PACKAGES = {"export": ("onnx", "onnxruntime", "onnxscript"),
-                   "serve": ("fastapi", "uvicorn", "multipart", "python_multipart")}
+_EXTRA_PACKAGES = {
+    "export": ("onnx", "onnxruntime", "onnxscript"),
+    "serve": ("fastapi", "uvicorn", "multipart", "python_multipart"),
+}
 _EXTRA_COMMANDS = {"export": ("export", "quantize"), "serve": ("serve",)}
 
 

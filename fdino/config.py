@@ -150,7 +150,7 @@ class DinoConfig:
         """The learning rate at the end of warm-up: lr scaled linearly by batch_size / 256."""
         return self.lr * self.batch_size / 256.0
 
-    def replace(self, **changes: Any) -> "DinoConfig":
+    def replace(self, **changes: Any) -> DinoConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -159,7 +159,7 @@ class DinoConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DinoConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DinoConfig:
         """Inverse of `to_dict`; unknown keys are an error naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -195,8 +195,10 @@ def _check_int(cfg: DinoConfig, name: str, lo: int, hi: int = 2**31) -> None:
 def _check_scale(cfg: DinoConfig, name: str) -> None:
     value = getattr(cfg, name)
     ok = (
-        isinstance(value, tuple) and len(value) == 2
-        and all(checks.is_number(v) for v in value) and 0 < value[0] <= value[1] <= 1
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(checks.is_number(v) for v in value)
+        and 0 < value[0] <= value[1] <= 1
     )
     if not ok:
         _fail(name, value, "a pair (lo, hi) with 0 < lo <= hi <= 1")

@@ -64,8 +64,9 @@ def config_file(path: str | Path) -> dict[str, Any]:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown} in [{table}]; allowed ({cls.__name__} fields): "
-                             f"{sorted(fields)}")
+            raise ValueError(
+                f"{path}: unknown key(s) {unknown} in [{table}]; allowed ({cls.__name__} fields): {sorted(fields)}"
+            )
         out[table] = {name: _checked(path, table, cls, fields[name], value) for name, value in values.items()}
     return out
 
@@ -79,8 +80,10 @@ def _read(path: Path) -> dict[str, Any]:
         try:
             import tomllib  # noqa: PLC0415  (3.11+; 3.10 gets the message below)
         except ModuleNotFoundError:  # Python 3.10: no TOML reader in the standard library
-            raise ValueError(f"{path}: reading TOML needs Python >= 3.11 (tomllib); on 3.10 write the same "
-                             "tables as JSON (the run.json format)") from None
+            raise ValueError(
+                f"{path}: reading TOML needs Python >= 3.11 (tomllib); on 3.10 write the same "
+                "tables as JSON (the run.json format)"
+            ) from None
         with open(path, "rb") as f:
             data = tomllib.load(f)
     else:
@@ -98,9 +101,12 @@ def _checked(path: Path, table: str, cls: type, f: dataclasses.Field, value: Any
     optional = typing.get_type_hints(cls)[f.name] is not kind
     if value is None and optional:
         return None
-    ok = {bool: lambda v: isinstance(v, bool), int: is_int, float: is_number,
-          str: lambda v: isinstance(v, str)}.get(kind, lambda v: isinstance(v, (list, tuple)))
+    ok = {bool: lambda v: isinstance(v, bool), int: is_int, float: is_number, str: lambda v: isinstance(v, str)}.get(
+        kind, lambda v: isinstance(v, (list, tuple))
+    )
     if not ok(value):
-        raise ValueError(f"{path}: [{table}] {f.name} = {value!r} is not a {getattr(kind, '__name__', kind)}"
-                         + (" (or null)" if optional else ""))
+        raise ValueError(
+            f"{path}: [{table}] {f.name} = {value!r} is not a {getattr(kind, '__name__', kind)}"
+            + (" (or null)" if optional else "")
+        )
     return value

@@ -96,7 +96,7 @@ def mean_reducer(group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
             flat.div_(world)
             offset = 0
             for t in bucket:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
     return reduce_
@@ -110,7 +110,7 @@ def broadcast_state_(state: TrainState, src: int = 0, group=None, bucket_bytes: 
         dist.broadcast(flat, src=src, group=group)
         offset = 0
         for t in bucket:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
 

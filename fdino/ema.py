@@ -19,4 +19,3 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], moment
         torch._foreach_lerp_(teacher, student, [weight] * len(teacher))
     else:
         torch._foreach_lerp_(teacher, student, weight)
-

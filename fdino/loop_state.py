@@ -69,15 +69,24 @@ class LoopState:
         """Count a metric reading (``message`` when it shows collapse); True: warn now (once per run)."""
         streak = self.collapse_streak + 1 if message else 0
         warn = bool(message) and streak >= COLLAPSE_READINGS and self.collapse_warning is None
-        return dataclasses.replace(self, collapse_streak=streak,
-                                   collapse_warning=message if warn else self.collapse_warning), warn
+        return dataclasses.replace(
+            self, collapse_streak=streak, collapse_warning=message if warn else self.collapse_warning
+        ), warn
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for the checkpoint (``torch.load(weights_only=True)`` reads them back)."""
-        return {"step": self.step, "epoch": self.epoch, "batch": self.batch, "images": self.images,
-                "elapsed": self.elapsed, "history": [{"step": r.step, "knn_top1": r.top1} for r in self.knn_history],
-                "knn_init": self.knn_init, "knn_raw_pixels": self.knn_raw_pixels,
-                "collapse_streak": self.collapse_streak, "collapse_warning": self.collapse_warning}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "images": self.images,
+            "elapsed": self.elapsed,
+            "history": [{"step": r.step, "knn_top1": r.top1} for r in self.knn_history],
+            "knn_init": self.knn_init,
+            "knn_raw_pixels": self.knn_raw_pixels,
+            "collapse_streak": self.collapse_streak,
+            "collapse_warning": self.collapse_warning,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, steps_per_epoch: int) -> LoopState:
@@ -91,22 +100,41 @@ class LoopState:
             raise ValueError(f"unknown key(s) {unknown} in a checkpoint's loop state; known: {list(_CHECKPOINT_KEYS)}")
         if "step" not in data:
             raise ValueError("the checkpoint's loop state has no 'step': it was not written by fdino train")
-        loop = cls(steps_per_epoch=steps_per_epoch, step=int(data["step"]), images=int(data.get("images", 0)),
-                   elapsed=float(data.get("elapsed", 0.0)),
-                   knn_history=tuple(KnnReading(step=int(h["step"]), top1=float(h["knn_top1"]))
-                                     for h in data.get("history", ())),
-                   knn_init=data.get("knn_init"), knn_raw_pixels=data.get("knn_raw_pixels"),
-                   collapse_streak=int(data.get("collapse_streak", 0)), collapse_warning=data.get("collapse_warning"))
+        loop = cls(
+            steps_per_epoch=steps_per_epoch,
+            step=int(data["step"]),
+            images=int(data.get("images", 0)),
+            elapsed=float(data.get("elapsed", 0.0)),
+            knn_history=tuple(
+                KnnReading(step=int(h["step"]), top1=float(h["knn_top1"])) for h in data.get("history", ())
+            ),
+            knn_init=data.get("knn_init"),
+            knn_raw_pixels=data.get("knn_raw_pixels"),
+            collapse_streak=int(data.get("collapse_streak", 0)),
+            collapse_warning=data.get("collapse_warning"),
+        )
         stored = (data.get("epoch", loop.epoch), data.get("batch", loop.batch))
         if stored != (loop.epoch, loop.batch):
-            raise ValueError(f"the checkpoint is at epoch {stored[0]}, batch {stored[1]} (step {loop.step}), but with "
-                             f"{steps_per_epoch} batches per epoch step {loop.step} is epoch {loop.epoch}, batch "
-                             f"{loop.batch}: the data set or the batch size changed since it was written")
+            raise ValueError(
+                f"the checkpoint is at epoch {stored[0]}, batch {stored[1]} (step {loop.step}), but with "
+                f"{steps_per_epoch} batches per epoch step {loop.step} is epoch {loop.epoch}, batch "
+                f"{loop.batch}: the data set or the batch size changed since it was written"
+            )
         return loop
 
 
-_CHECKPOINT_KEYS = ("step", "epoch", "batch", "images", "elapsed", "history", "knn_init", "knn_raw_pixels",
-                    "collapse_streak", "collapse_warning")
+_CHECKPOINT_KEYS = (
+    "step",
+    "epoch",
+    "batch",
+    "images",
+    "elapsed",
+    "history",
+    "knn_init",
+    "knn_raw_pixels",
+    "collapse_streak",
+    "collapse_warning",
+)
 
 
 @dataclass(frozen=True, kw_only=True)

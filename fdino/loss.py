@@ -52,12 +52,21 @@ def dino_loss(
         from .kernels.dino_loss import dino_loss_triton_unchecked  # noqa: PLC0415  (Triton is optional)
 
         return dino_loss_triton_unchecked(
-            student_logits, teacher_logits, center,
-            student_temp=student_temp, teacher_temp=teacher_temp, n_global_crops=n_global_crops, batch=batch,
+            student_logits,
+            teacher_logits,
+            center,
+            student_temp=student_temp,
+            teacher_temp=teacher_temp,
+            n_global_crops=n_global_crops,
+            batch=batch,
         )
     return dino_loss_reference(
-        student_logits, teacher_logits, center,
-        student_temp=student_temp, teacher_temp=teacher_temp, n_global_crops=n_global_crops,
+        student_logits,
+        teacher_logits,
+        center,
+        student_temp=student_temp,
+        teacher_temp=teacher_temp,
+        n_global_crops=n_global_crops,
     )
 
 

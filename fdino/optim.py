@@ -76,10 +76,21 @@ def adamw_(
         torch._foreach_mul_(decayed, [1.0 - lr * wd] * len(decayed))
     capturable = _on_device_path(params)
     torch_adamw(
-        params, grads, exp_avg, exp_avg_sq, [], count,
-        foreach=capturable, capturable=capturable,
-        amsgrad=False, beta1=betas[0], beta2=betas[1],
-        lr=lr if capturable else float(lr), weight_decay=0.0, eps=eps, maximize=False,
+        params,
+        grads,
+        exp_avg,
+        exp_avg_sq,
+        [],
+        count,
+        foreach=capturable,
+        capturable=capturable,
+        amsgrad=False,
+        beta1=betas[0],
+        beta2=betas[1],
+        lr=lr if capturable else float(lr),
+        weight_decay=0.0,
+        eps=eps,
+        maximize=False,
     )
 
 

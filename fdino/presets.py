@@ -83,8 +83,12 @@ def small32_resnet(**overrides) -> DinoConfig:
     cfg = small32(
         arch="resnet18",
         patch_size=None,
-        backbone_kwargs=(("layers", (1, 1, 1, 1)), ("channels", (16, 32, 64, 128)), ("stem_width", 16),
-                         ("output_stride", 8)),
+        backbone_kwargs=(
+            ("layers", (1, 1, 1, 1)),
+            ("channels", (16, 32, 64, 128)),
+            ("stem_width", 16),
+            ("output_stride", 8),
+        ),
         out_dim=256,
         head_hidden_dim=256,
         head_bottleneck_dim=64,
@@ -161,7 +165,14 @@ def resnet50(**overrides) -> DinoConfig:
     return cfg.replace(**overrides)
 
 
-PRESETS = {"smoke": smoke, "small32": small32, "small32_resnet": small32_resnet, "vit_small16": vit_small16, "vit_base16": vit_base16, "resnet50": resnet50}
+PRESETS = {
+    "smoke": smoke,
+    "small32": small32,
+    "small32_resnet": small32_resnet,
+    "vit_small16": vit_small16,
+    "vit_base16": vit_base16,
+    "resnet50": resnet50,
+}
 
 
 def preset(name: str, **overrides) -> DinoConfig:

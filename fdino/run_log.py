@@ -88,9 +88,19 @@ def save_curves(run_dir: Path, history: list[dict[str, Any]], records: list[dict
     return path
 
 
-def finish_report(run_dir: Path, cfg: DinoConfig, opts, loop: LoopState, timer: StepTimer, *,
-                  knn_queries: int | None, knn_split: str, attention: Path | None, skipped: dict[str, str],
-                  last_metrics: dict[str, float]) -> dict[str, Any]:
+def finish_report(
+    run_dir: Path,
+    cfg: DinoConfig,
+    opts,
+    loop: LoopState,
+    timer: StepTimer,
+    *,
+    knn_queries: int | None,
+    knn_split: str,
+    attention: Path | None,
+    skipped: dict[str, str],
+    last_metrics: dict[str, float],
+) -> dict[str, Any]:
     """Curves, summary.json and the printed summary of a finished run; returns the summary.
 
     ``knn_queries``: held-out images of the k-NN evaluation (None: none ran; then the k-NN keys are
@@ -98,16 +108,29 @@ def finish_report(run_dir: Path, cfg: DinoConfig, opts, loop: LoopState, timer: 
     """
     history = [{"step": r.step, "knn_top1": r.top1} for r in loop.knn_history]
     summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "data": opts.data, "arch": cfg.arch, "steps": loop.step,
-        "total_steps": cfg.total_steps, "images_seen": loop.images, "wall_time_s": round(loop.elapsed, 1),
-        "first_step_s": timer.first_step_s, "images_per_s": round(timer.images_per_s(cfg.batch_size), 1),
-        "skipped_files": len(skipped), "final_loss": last_metrics.get("loss"),
+        "run_dir": str(run_dir),
+        "data": opts.data,
+        "arch": cfg.arch,
+        "steps": loop.step,
+        "total_steps": cfg.total_steps,
+        "images_seen": loop.images,
+        "wall_time_s": round(loop.elapsed, 1),
+        "first_step_s": timer.first_step_s,
+        "images_per_s": round(timer.images_per_s(cfg.batch_size), 1),
+        "skipped_files": len(skipped),
+        "final_loss": last_metrics.get("loss"),
         "collapse_warning": loop.collapse_warning,
     }
     if knn_queries is not None:
-        summary.update(knn_k=opts.knn_k, knn_top1_teacher=history[-1]["knn_top1"], knn_top1_init=loop.knn_init,
-                       knn_top1_raw_pixels=loop.knn_raw_pixels, knn_eval_images=knn_queries, knn_split=knn_split,
-                       knn_history=history)
+        summary.update(
+            knn_k=opts.knn_k,
+            knn_top1_teacher=history[-1]["knn_top1"],
+            knn_top1_init=loop.knn_init,
+            knn_top1_raw_pixels=loop.knn_raw_pixels,
+            knn_eval_images=knn_queries,
+            knn_split=knn_split,
+            knn_history=history,
+        )
     summary["curves"] = str(save_curves(run_dir, history, read_metrics(run_dir)))
     summary["attention"] = str(attention) if attention else None
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -128,12 +151,16 @@ def format_summary(summary: dict[str, Any], skipped: dict[str, str]) -> str:
     if summary.get("knn_top1_teacher") is not None:
         k = summary["knn_k"]
         lines.append(
-            f"  {k}-NN top-1 on {summary['knn_eval_images']} held-out images: teacher {summary['knn_top1_teacher']:.2f}% | "
-            f"same network at init {summary['knn_top1_init']:.2f}% | raw pixels {summary['knn_top1_raw_pixels']:.2f}%")
+            f"  {k}-NN top-1 on {summary['knn_eval_images']} held-out images: "
+            f"teacher {summary['knn_top1_teacher']:.2f}% | "
+            f"same network at init {summary['knn_top1_init']:.2f}% | raw pixels {summary['knn_top1_raw_pixels']:.2f}%"
+        )
     lines.append(f"  skipped files: {summary['skipped_files']}")
     for path, reason in list(skipped.items())[:5]:
         lines.append(f"    {path}: {reason}")
     if summary.get("collapse_warning"):
         lines.append(f"  {summary['collapse_warning']}")
-    lines.append(f"  curves: {summary['curves']}" + (f", attention maps: {summary['attention']}" if summary['attention'] else ""))
+    lines.append(
+        f"  curves: {summary['curves']}" + (f", attention maps: {summary['attention']}" if summary["attention"] else "")
+    )
     return "\n".join(lines)

@@ -6,7 +6,8 @@ the step's device, so a compiled training step sees the same graph at every step
 float ever reaches it). Python ints are accepted too, for plotting and tests.
 
 Closed forms (s = step, T = total steps, W = warm-up steps; all per optimizer step):
-- learning rate: ``peak * s / W`` for ``s < W``, then cosine ``min + (peak - min) * (1 + cos(pi * (s - W) / (T - W))) / 2``
+- learning rate: ``peak * s / W`` for ``s < W``, then cosine
+  ``min + (peak - min) * (1 + cos(pi * (s - W) / (T - W))) / 2``
   where ``peak = lr * batch_size / 256`` (the paper's linear scaling rule).
 - weight decay: cosine from ``weight_decay`` at s = 0 to ``weight_decay_end`` at s = T.
 - teacher momentum: ``1 - (1 - m0) * (1 + cos(pi * s / T)) / 2``, from m0 to ``teacher_momentum_end`` (1 in the paper).

@@ -45,7 +45,7 @@ class TrainState:
     step: torch.Tensor
     rng: torch.Tensor
 
-    def replace(self, **changes) -> "TrainState":
+    def replace(self, **changes) -> TrainState:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -69,8 +69,11 @@ def _flatten_with_keys(state: TrainState):
 
 
 pytree.register_pytree_node(
-    TrainState, _flatten, _unflatten,
-    serialized_type_name="fdino.TrainState", flatten_with_keys_fn=_flatten_with_keys,
+    TrainState,
+    _flatten,
+    _unflatten,
+    serialized_type_name="fdino.TrainState",
+    flatten_with_keys_fn=_flatten_with_keys,
 )
 
 
@@ -117,5 +120,7 @@ def tree_allclose(a, b, *, rtol: float = 0.0, atol: float = 0.0) -> bool:
     lb, sb = pytree.tree_flatten(b)
     if sa != sb:
         return False
-    return all(torch.allclose(x.float(), y.float(), rtol=rtol, atol=atol) if x.is_floating_point()
-               else torch.equal(x, y) for x, y in zip(la, lb))
+    return all(
+        torch.allclose(x.float(), y.float(), rtol=rtol, atol=atol) if x.is_floating_point() else torch.equal(x, y)
+        for x, y in zip(la, lb)
+    )

@@ -63,16 +63,23 @@ def networks(cfg: DinoConfig) -> Networks:
     return Networks(network_template(cfg, teacher=False), network_template(cfg, teacher=True))
 
 
-def teacher_logits(cfg: DinoConfig, net: torch.nn.Module, teacher: Tree, teacher_buffers: Tree,
-                   global_crops: Sequence[torch.Tensor]) -> torch.Tensor:
+def teacher_logits(
+    cfg: DinoConfig, net: torch.nn.Module, teacher: Tree, teacher_buffers: Tree, global_crops: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """``[G*B, K]`` fp32 teacher outputs (no gradient; BatchNorm statistics update in place)."""
     with torch.no_grad(), _autocast(cfg, global_crops[0].device):
         out = functional_call(net, (teacher, teacher_buffers), (list(global_crops),))
     return out.float()
 
 
-def micro_grads(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequence[torch.Tensor],
-                center: torch.Tensor, teacher_temp: torch.Tensor) -> tuple[Tree, dict[str, torch.Tensor]]:
+def micro_grads(
+    cfg: DinoConfig,
+    nets: Networks,
+    state: TrainState,
+    crops: Sequence[torch.Tensor],
+    center: torch.Tensor,
+    teacher_temp: torch.Tensor,
+) -> tuple[Tree, dict[str, torch.Tensor]]:
     """Gradients of the DINO loss on one (micro-)batch w.r.t. the student parameters.
 
     Returns ``(grads, out)`` with ``out`` holding ``loss``, ``batch_center`` and the diagnostics.
@@ -82,8 +89,13 @@ def micro_grads(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Seque
 
     def loss_of_logits(s_logits: torch.Tensor):
         return dino_loss(
-            s_logits, t_logits, center, student_temp=cfg.student_temp, teacher_temp=teacher_temp,
-            n_global_crops=g, impl=cfg.loss_impl,
+            s_logits,
+            t_logits,
+            center,
+            student_temp=cfg.student_temp,
+            teacher_temp=teacher_temp,
+            n_global_crops=g,
+            impl=cfg.loss_impl,
         )
 
     def loss_fn(params: Tree, buffers: Tree):
@@ -93,7 +105,8 @@ def micro_grads(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Seque
 
     if cfg.grad_checkpointing:
         grads, (loss, batch_center) = _checkpointed_grad_and_value(
-            cfg, nets.student, state.student, state.student_buffers, crops, loss_of_logits)
+            cfg, nets.student, state.student, state.student_buffers, crops, loss_of_logits
+        )
     else:
         # Buffers are an explicit (non-differentiated) input: functorch forbids mutating captured tensors.
         grads, (loss, batch_center) = grad_and_value(loss_fn, has_aux=True)(state.student, state.student_buffers)
@@ -102,8 +115,9 @@ def micro_grads(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Seque
     return grads, out
 
 
-def _checkpointed_grad_and_value(cfg: DinoConfig, net: torch.nn.Module, params: Tree, buffers: Tree,
-                                 crops: Sequence[torch.Tensor], loss_of_logits):
+def _checkpointed_grad_and_value(
+    cfg: DinoConfig, net: torch.nn.Module, params: Tree, buffers: Tree, crops: Sequence[torch.Tensor], loss_of_logits
+):
     """`grad_and_value` for backbones with activation checkpointing.
 
     Checkpointing recomputes blocks during the backward pass through saved-tensor hooks, which
@@ -120,8 +134,9 @@ def _checkpointed_grad_and_value(cfg: DinoConfig, net: torch.nn.Module, params: 
     return dict(zip(leaves, grads)), (loss.detach(), aux)
 
 
-def apply_update(cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: torch.Tensor,
-                 sched: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_update(
+    cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: torch.Tensor, sched: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Clip, AdamW, teacher EMA and center EMA, all in place on ``state``; returns metrics."""
     names = list(state.student)
     grad_list = [grads[k] for k in names]
@@ -132,8 +147,10 @@ def apply_update(cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: 
     common = dict(lr=sched["lr"], wd=sched["wd"], betas=cfg.adam_betas, eps=cfg.adam_eps)
     for frozen_group, group in ((False, rest), (True, last)):
         args = (
-            [state.student[k] for k in group], [grads[k] for k in group],
-            [state.opt.exp_avg[k] for k in group], [state.opt.exp_avg_sq[k] for k in group],
+            [state.student[k] for k in group],
+            [grads[k] for k in group],
+            [state.opt.exp_avg[k] for k in group],
+            [state.opt.exp_avg_sq[k] for k in group],
             [state.opt.count[k] for k in group],
         )
         regularized = [is_regularized(k, state.student[k]) for k in group]
@@ -148,7 +165,9 @@ def apply_update(cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: 
     return {"grad_norm": grad_norm}
 
 
-def _full_step(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _full_step(
+    cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch without accumulation or collectives (one compiled graph)."""
     sched = schedules.all_schedules(cfg, state.step)
     grads, out = micro_grads(cfg, nets, state, crops, state.center, sched["teacher_temp"])
@@ -156,8 +175,15 @@ def _full_step(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequen
     return {**sched, **out, **metrics}
 
 
-def _accumulated_step(cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequence[torch.Tensor],
-                      grad_fn, update_fn, reducer: Reducer | None) -> dict[str, torch.Tensor]:
+def _accumulated_step(
+    cfg: DinoConfig,
+    nets: Networks,
+    state: TrainState,
+    crops: Sequence[torch.Tensor],
+    grad_fn,
+    update_fn,
+    reducer: Reducer | None,
+) -> dict[str, torch.Tensor]:
     """Micro-batched and/or data-parallel step: grads summed over micro-batches (each weighted by
     its share of the batch, so the loss normalization is that of the whole batch), then reduced
     across workers, then one update. Center and teacher are fixed during accumulation."""
@@ -184,7 +210,9 @@ def _accumulated_step(cfg: DinoConfig, nets: Networks, state: TrainState, crops:
 def check_batch(cfg: DinoConfig, state: TrainState, batch: Sequence[torch.Tensor], world_size: int = 1) -> None:
     """Host-side shape checks of a batch; errors name the problem and the fix."""
     if not isinstance(batch, (list, tuple)):
-        raise TypeError(f"batch must be a list of {cfg.n_crops} crop tensors (global crops first), got {type(batch).__name__}")
+        raise TypeError(
+            f"batch must be a list of {cfg.n_crops} crop tensors (global crops first), got {type(batch).__name__}"
+        )
     if len(batch) != cfg.n_crops:
         raise ValueError(
             f"batch has {len(batch)} crops but the config expects n_global_crops + n_local_crops = "
@@ -195,7 +223,9 @@ def check_batch(cfg: DinoConfig, state: TrainState, batch: Sequence[torch.Tensor
     for i, (crop, size) in enumerate(zip(batch, sizes)):
         kind = "global" if i < cfg.n_global_crops else "local"
         if not isinstance(crop, torch.Tensor) or crop.ndim != 4:
-            raise ValueError(f"crop {i} ({kind}) must be a [B, C, H, W] tensor, got {getattr(crop, 'shape', type(crop))}")
+            raise ValueError(
+                f"crop {i} ({kind}) must be a [B, C, H, W] tensor, got {getattr(crop, 'shape', type(crop))}"
+            )
         if not crop.is_floating_point():
             raise TypeError(f"crop {i} ({kind}) has dtype {crop.dtype}; convert images to float and normalize them")
         if tuple(crop.shape[-2:]) != (size, size):
@@ -211,7 +241,8 @@ def check_batch(cfg: DinoConfig, state: TrainState, batch: Sequence[torch.Tensor
     if b * world_size != cfg.batch_size:
         raise ValueError(
             f"batch has B={b} images per crop x {world_size} worker(s) = {b * world_size}, but DinoConfig.batch_size="
-            f"{cfg.batch_size} (it scales the lr and normalizes the loss); set batch_size={b * world_size} or pass full batches"
+            f"{cfg.batch_size} (it scales the lr and normalizes the loss); set batch_size={b * world_size} or pass "
+            "full batches"
         )
     if b % cfg.grad_accum_steps:
         raise ValueError(f"B={b} is not divisible by grad_accum_steps={cfg.grad_accum_steps}")
@@ -266,8 +297,9 @@ def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, w
     return state, metrics
 
 
-def train_step(state: TrainState, batch: Sequence[torch.Tensor], *, reducer: Reducer | None = None,
-               world_size: int = 1) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def train_step(
+    state: TrainState, batch: Sequence[torch.Tensor], *, reducer: Reducer | None = None, world_size: int = 1
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """One DINO optimizer step, compiled with `torch.compile` (one graph per config, built on first use).
 
     Donates ``state`` (updated in place; see the module docstring). ``reducer`` (data-parallel
@@ -278,7 +310,8 @@ def train_step(state: TrainState, batch: Sequence[torch.Tensor], *, reducer: Red
     return _run(state, batch, compiled=True, reducer=reducer, world_size=world_size)
 
 
-def train_step_eager(state: TrainState, batch: Sequence[torch.Tensor], *, reducer: Reducer | None = None,
-                     world_size: int = 1) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def train_step_eager(
+    state: TrainState, batch: Sequence[torch.Tensor], *, reducer: Reducer | None = None, world_size: int = 1
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """`train_step` without `torch.compile` (same math, same donation): the reference path."""
     return _run(state, batch, compiled=False, reducer=reducer, world_size=world_size)

@@ -90,9 +90,17 @@ class TrainOptions:
 
     def __post_init__(self) -> None:
         # Checked here, not mid-run: a bad value must fail before any compile or data work starts.
-        for name, lo in (("workers", 0), ("log_every", 1), ("ckpt_every", 1), ("keep_checkpoints", 1),
-                         ("eval_every", 0), ("knn_k", 1), ("eval_samples", 0), ("max_steps", 0),
-                         ("attention_images", 0)):
+        for name, lo in (
+            ("workers", 0),
+            ("log_every", 1),
+            ("ckpt_every", 1),
+            ("keep_checkpoints", 1),
+            ("eval_every", 0),
+            ("knn_k", 1),
+            ("eval_samples", 0),
+            ("max_steps", 0),
+            ("attention_images", 0),
+        ):
             check_int(f"TrainOptions.{name}", getattr(self, name), lo=lo)
         check_real("TrainOptions.max_minutes", self.max_minutes, lo=0)  # 0: no limit
         if self.device not in DEVICES:
@@ -103,8 +111,20 @@ class TrainOptions:
 
 
 # Options that may change when a run is resumed (how it runs, not what it computes).
-RESUMABLE_OVERRIDES = ("device", "compile", "workers", "log_every", "ckpt_every", "keep_checkpoints", "eval_every",
-                       "max_steps", "max_minutes", "progress", "tensorboard", "deterministic")
+RESUMABLE_OVERRIDES = (
+    "device",
+    "compile",
+    "workers",
+    "log_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "eval_every",
+    "max_steps",
+    "max_minutes",
+    "progress",
+    "tensorboard",
+    "deterministic",
+)
 
 
 def _resolve_device(name: str, info_device: torch.device) -> str:
@@ -120,8 +140,9 @@ def run(cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool = False) -> dict
     """Start a new run in ``opts.run_dir`` and train; returns the summary."""
     run_dir = Path(opts.run_dir)
     if ckpt.list_checkpoints(run_dir) and not overwrite:
-        raise FileExistsError(f"{run_dir} already holds checkpoints; resume it with --resume {run_dir} "
-                              "or start over with --overwrite")
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints; resume it with --resume {run_dir} or start over with --overwrite"
+        )
     return _train(cfg, opts, resume_from=None, overwrite=overwrite)
 
 
@@ -134,8 +155,9 @@ def resume(run_dir: str | Path, **overrides: Any) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
     bad = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
     if bad:
-        raise ValueError(f"cannot change {bad} when resuming (they change what is computed); allowed: "
-                         f"{list(RESUMABLE_OVERRIDES)}")
+        raise ValueError(
+            f"cannot change {bad} when resuming (they change what is computed); allowed: {list(RESUMABLE_OVERRIDES)}"
+        )
     opts = TrainOptions(**{**meta["options"], **overrides, "run_dir": str(run_dir)})
     cfg = DinoConfig.from_dict(meta["config"])
     return _train(cfg, opts, resume_from=ckpt.resolve_checkpoint(run_dir))
@@ -149,8 +171,9 @@ def _train(cfg: DinoConfig, opts: TrainOptions, *, resume_from: Path | None, ove
         shutdown()
 
 
-def _train_process(cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_from: Path | None,
-                   overwrite: bool) -> dict[str, Any]:
+def _train_process(
+    cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_from: Path | None, overwrite: bool
+) -> dict[str, Any]:
     device = torch.device(_resolve_device(opts.device, info.device))
     if device.type == "cuda" and info.enabled:
         device = info.device
@@ -159,14 +182,17 @@ def _train_process(cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_f
     run_dir = Path(opts.run_dir)
 
     # --- input ---------------------------------------------------------------------------------------
-    train_src = build_dataset(opts.data, root=opts.data_root, split="train", download=opts.download,
-                              image_size=cfg.global_crop_size)
-    loader = multicrop_loader(cfg, train_src.dataset, num_workers=opts.workers, rank=info.rank,
-                              world_size=info.world_size)
+    train_src = build_dataset(
+        opts.data, root=opts.data_root, split="train", download=opts.download, image_size=cfg.global_crop_size
+    )
+    loader = multicrop_loader(
+        cfg, train_src.dataset, num_workers=opts.workers, rank=info.rank, world_size=info.world_size
+    )
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
-        raise ValueError(f"{opts.data} has {len(train_src)} images, fewer than one batch of {cfg.batch_size}; "
-                         "lower --batch-size")
+        raise ValueError(
+            f"{opts.data} has {len(train_src)} images, fewer than one batch of {cfg.batch_size}; lower --batch-size"
+        )
     cfg = cfg.replace(steps_per_epoch=steps_per_epoch)
 
     # --- state ---------------------------------------------------------------------------------------
@@ -240,9 +266,18 @@ def _train_process(cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_f
     if knn_on:
         loop = loop.with_knn(loop.step, evaluate_knn(evals, state))
     attention = save_attention(run_dir, evals, state, opts.attention_images)
-    return finish_report(run_dir, cfg, opts, loop, timer, knn_queries=len(evals.query) if knn_on else None,
-                         knn_split=evals.note if evals is not None else "", attention=attention,
-                         skipped=loader.skipped, last_metrics=last_values)
+    return finish_report(
+        run_dir,
+        cfg,
+        opts,
+        loop,
+        timer,
+        knn_queries=len(evals.query) if knn_on else None,
+        knn_split=evals.note if evals is not None else "",
+        attention=attention,
+        skipped=loader.skipped,
+        last_metrics=last_values,
+    )
 
 
 def _start_run_folder(run_dir: Path, cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool) -> None:
@@ -264,17 +299,31 @@ def _read_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path) ->
         raise NonFiniteLossError(
             f"non-finite loss ({values['loss']}) at step {step}; stopped, {where}. Likely causes: a learning rate "
             "too high for this batch size, fp16 overflow (use bf16), or corrupt inputs. Resume from the "
-            "checkpoint with a lower --lr or a longer --warmup-epochs.")
+            "checkpoint with a lower --lr or a longer --warmup-epochs."
+        )
     return values
 
 
-def _log_reading(values: dict[str, float], step: int, epoch: int, cfg: DinoConfig, loop: LoopState,
-                 timer: StepTimer, log: MetricsLog, bar) -> LoopState:
+def _log_reading(
+    values: dict[str, float],
+    step: int,
+    epoch: int,
+    cfg: DinoConfig,
+    loop: LoopState,
+    timer: StepTimer,
+    log: MetricsLog,
+    bar,
+) -> LoopState:
     """Write a metric reading to the log and the progress bar; warn once if it shows collapse."""
     rate = timer.images_per_s(cfg.batch_size)
     log.write(step, epoch, values, images_per_s=rate)
-    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}", T_t=f"{values['teacher_temp']:.3f}",
-                    img_s=f"{rate:.0f}", refresh=False)
+    bar.set_postfix(
+        loss=f"{values['loss']:.3f}",
+        lr=f"{values['lr']:.2e}",
+        T_t=f"{values['teacher_temp']:.3f}",
+        img_s=f"{rate:.0f}",
+        refresh=False,
+    )
     loop, warn = loop.with_collapse_reading(collapse_report(values, cfg.out_dim))
     if warn:
         warnings.warn(loop.collapse_warning, stacklevel=2)
@@ -288,18 +337,24 @@ def _params_finite(state: TrainState) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all() and torch.isfinite(state.center).all())
 
 
-def _save(run_dir: Path, state: TrainState, metrics: dict[str, torch.Tensor], loop: LoopState, info: DistInfo,
-          opts: TrainOptions) -> None:
+def _save(
+    run_dir: Path,
+    state: TrainState,
+    metrics: dict[str, torch.Tensor],
+    loop: LoopState,
+    info: DistInfo,
+    opts: TrainOptions,
+) -> None:
     """Checkpoint on rank 0, only a state whose loss and parameters are finite."""
     if not info.is_main:
         return
     _read_metrics(metrics, loop.step, run_dir)
     if not _params_finite(state):
-        raise NonFiniteLossError(f"parameters became non-finite at step {loop.step}; not saved, previous "
-                                 "checkpoints kept")
+        raise NonFiniteLossError(
+            f"parameters became non-finite at step {loop.step}; not saved, previous checkpoints kept"
+        )
     ckpt.save_checkpoint(run_dir, state, loop.to_dict(), keep=opts.keep_checkpoints)  # rank 0: no RNG offset
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                desc="fdino train")
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="fdino train")

@@ -54,13 +54,15 @@ class EvalSets:
         return self.memory is not None and self.query is not None
 
     @classmethod
-    def build(cls, opts, cfg: DinoConfig, device: torch.device) -> "EvalSets":
+    def build(cls, opts, cfg: DinoConfig, device: torch.device) -> EvalSets:
         backbone = create_backbone(cfg.replace(grad_checkpointing=False), drop_path_rate=0.0).to(device).eval()
         transform = EvalTransform(cfg.global_crop_size)
         memory = query = None
         num_classes, note = 0, "no labels: k-NN skipped"
-        build = lambda split: build_dataset(opts.data, root=opts.data_root, split=split,  # noqa: E731
-                                            image_size=cfg.global_crop_size)
+
+        def build(split: str):
+            return build_dataset(opts.data, root=opts.data_root, split=split, image_size=cfg.global_crop_size)
+
         try:
             mem_src = build("memory")
         except ValueError:
@@ -95,8 +97,9 @@ def evaluate_knn(evals: EvalSets, state: TrainState, which: str = "teacher") -> 
     evals.backbone.load_state_dict(backbone_weights(state, which), strict=True)
     bank, bank_labels = evals.features(evals.memory)
     queries, query_labels = evals.features(evals.query)
-    result = knn_classify(bank, bank_labels, queries, query_labels, ks=(evals.k,),
-                          num_classes=evals.num_classes or None)
+    result = knn_classify(
+        bank, bank_labels, queries, query_labels, ks=(evals.k,), num_classes=evals.num_classes or None
+    )
     return result[evals.k]["top1"]
 
 
@@ -106,5 +109,10 @@ def save_attention(run_dir: Path, evals: EvalSets | None, state: TrainState, n_i
         return None
     evals.backbone.load_state_dict(backbone_weights(state, "teacher"), strict=True)
     images = torch.stack([evals.transform(evals.query[i][0]) for i in range(min(n_images, len(evals.query)))])
-    return save_attention_grid(evals.backbone, images.to(evals.device), run_dir / "attention" / "teacher.png",
-                               mean=evals.transform.mean, std=evals.transform.std)
+    return save_attention_grid(
+        evals.backbone,
+        images.to(evals.device),
+        run_dir / "attention" / "teacher.png",
+        mean=evals.transform.mean,
+        std=evals.transform.std,
+    )

@@ -46,7 +46,12 @@ from fdino.loss_inputs import KERNEL_MAX_CROPS, Temperature, check_loss_inputs
 from ._dino_loss_kernels import _bwd_kernel, _fwd_combine_kernel, _fwd_finalize_kernel, _fwd_partials_kernel
 
 __all__ = [
-    "KERNEL_LAUNCHES", "MAX_CROPS", "LaunchConfig", "dino_loss_triton", "dino_loss_triton_unchecked", "launch_config",
+    "KERNEL_LAUNCHES",
+    "MAX_CROPS",
+    "LaunchConfig",
+    "dino_loss_triton",
+    "dino_loss_triton_unchecked",
+    "launch_config",
     "launch_count",
 ]
 
@@ -133,23 +138,59 @@ def _dino_loss_fwd(
 
     warps = 8 if v_pad * block_k >= _TILE_ELEMS else 4
     _launch(
-        _fwd_partials_kernel, (n_split, batch),
-        student, teacher, center, student_temp, teacher_temp, stud_part, teach_part, dots_part,
-        batch, n_crops, k, n_split, tiles_per_split,
-        BLOCK_K=block_k, V_PAD=v_pad, num_warps=warps,
+        _fwd_partials_kernel,
+        (n_split, batch),
+        student,
+        teacher,
+        center,
+        student_temp,
+        teacher_temp,
+        stud_part,
+        teach_part,
+        dots_part,
+        batch,
+        n_crops,
+        k,
+        n_split,
+        tiles_per_split,
+        BLOCK_K=block_k,
+        V_PAD=v_pad,
+        num_warps=warps,
     )
     _launch(
-        _fwd_combine_kernel, (batch,),
-        stud_part, teach_part, dots_part, student_temp, teacher_temp, stats_s, stats_t, img_loss,
-        batch, n_crops, n_split,
-        SPLIT_PAD=triton.next_power_of_2(n_split), V_PAD=v_pad, num_warps=4,
+        _fwd_combine_kernel,
+        (batch,),
+        stud_part,
+        teach_part,
+        dots_part,
+        student_temp,
+        teacher_temp,
+        stats_s,
+        stats_t,
+        img_loss,
+        batch,
+        n_crops,
+        n_split,
+        SPLIT_PAD=triton.next_power_of_2(n_split),
+        V_PAD=v_pad,
+        num_warps=4,
     )
     n_pairs = 2 * (n_crops - 1)
     _launch(
-        _fwd_finalize_kernel, (triton.cdiv(k, _CENTER_BLOCK_C),),
-        teacher, img_loss, loss, batch_center, 2 * batch, batch, k, n_pairs * batch,
-        BLOCK_R=min(_CENTER_BLOCK_R, triton.next_power_of_2(2 * batch)), BLOCK_C=_CENTER_BLOCK_C,
-        BLOCK_B=min(1024, triton.next_power_of_2(batch)), num_warps=4,
+        _fwd_finalize_kernel,
+        (triton.cdiv(k, _CENTER_BLOCK_C),),
+        teacher,
+        img_loss,
+        loss,
+        batch_center,
+        2 * batch,
+        batch,
+        k,
+        n_pairs * batch,
+        BLOCK_R=min(_CENTER_BLOCK_R, triton.next_power_of_2(2 * batch)),
+        BLOCK_C=_CENTER_BLOCK_C,
+        BLOCK_B=min(1024, triton.next_power_of_2(batch)),
+        num_warps=4,
     )
     return loss, batch_center, stats_s, stats_t
 
@@ -190,10 +231,24 @@ def _dino_loss_bwd(
     v_pad = triton.next_power_of_2(n_crops)
     grad_student = torch.empty_like(student)
     _launch(
-        _bwd_kernel, (triton.cdiv(k, block_k), batch),
-        grad_loss, student, teacher, center, student_temp, teacher_temp, stats_s, stats_t, grad_student,
-        batch, n_crops, k, 2 * (n_crops - 1),
-        BLOCK_K=block_k, V_PAD=v_pad, num_warps=8 if v_pad * block_k >= _TILE_ELEMS else 4,
+        _bwd_kernel,
+        (triton.cdiv(k, block_k), batch),
+        grad_loss,
+        student,
+        teacher,
+        center,
+        student_temp,
+        teacher_temp,
+        stats_s,
+        stats_t,
+        grad_student,
+        batch,
+        n_crops,
+        k,
+        2 * (n_crops - 1),
+        BLOCK_K=block_k,
+        V_PAD=v_pad,
+        num_warps=8 if v_pad * block_k >= _TILE_ELEMS else 4,
     )
     return grad_student
 
@@ -269,8 +324,14 @@ def dino_loss_triton(
     _require_two_global_crops(n_global_crops)  # first: the row checks below assume the kernel's layout
     batch = check_loss_inputs(student_logits, teacher_logits, center, student_temp, teacher_temp, n_global_crops)
     return dino_loss_triton_unchecked(
-        student_logits, teacher_logits, center, student_temp=student_temp, teacher_temp=teacher_temp,
-        n_global_crops=n_global_crops, batch=batch, config=config,
+        student_logits,
+        teacher_logits,
+        center,
+        student_temp=student_temp,
+        teacher_temp=teacher_temp,
+        n_global_crops=n_global_crops,
+        batch=batch,
+        config=config,
     )
 
 

@@ -37,7 +37,9 @@ class ClassicDino:
             (not_regularized if name.endswith(".bias") or p.ndim == 1 else regularized).append(p)
         self.opt = torch.optim.AdamW(
             [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}],
-            lr=0.0, betas=cfg.adam_betas, eps=cfg.adam_eps,
+            lr=0.0,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
         )
         self.center = torch.zeros(1, cfg.out_dim)
         self.it = 0
@@ -50,14 +52,19 @@ class ClassicDino:
         wd = _cosine(cfg.weight_decay, cfg.weight_decay_end, s / total)
         m = _cosine(cfg.teacher_momentum, cfg.teacher_momentum_end, s / total)
         t_warm = cfg.warmup_teacher_temp_epochs * cfg.steps_per_epoch
-        tt = cfg.teacher_temp if t_warm <= 0 else (
-            cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * min(s / t_warm, 1.0))
+        tt = (
+            cfg.teacher_temp
+            if t_warm <= 0
+            else (cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * min(s / t_warm, 1.0))
+        )
         return lr, wd, m, tt
 
     def loss(self, student_out, teacher_out, teacher_temp):
         cfg = self.cfg
         student_chunks = (student_out / cfg.student_temp).chunk(cfg.n_crops)
-        teacher_chunks = F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach().chunk(cfg.n_global_crops)
+        teacher_chunks = (
+            F.softmax((teacher_out - self.center) / teacher_temp, dim=-1).detach().chunk(cfg.n_global_crops)
+        )
         total, n = 0.0, 0
         for iq, q in enumerate(teacher_chunks):
             for v in range(cfg.n_crops):

@@ -19,15 +19,21 @@ if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ["TRITON_INTERPRET"] == "1":
         raise RuntimeError("triton was imported before TRITON_INTERPRET was set; kernels would not run on CPU")
 
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import pytest
+from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "ci", max_examples=15, deadline=None, derandomize=True, print_blob=True,
+    "ci",
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile(
-    "thorough", max_examples=300, deadline=None,
+    "thorough",
+    max_examples=300,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -10,9 +10,9 @@ from __future__ import annotations
 import sys
 
 import torch
+from dist_setup import CFG, N_STEPS, batches
 
 import fdino
-from dist_setup import CFG, N_STEPS, batches
 from fdino.checkpoint import state_to_dict
 from fdino.distributed import broadcast_state_, init_from_env, mean_reducer, shutdown
 
@@ -24,7 +24,7 @@ def main(out_file: str) -> None:
     reducer = mean_reducer(bucket_bytes=4096)  # small buckets: exercise several collectives
     local = CFG.batch_size // info.world_size
     for batch in batches(N_STEPS):
-        shard = [c[info.rank * local:(info.rank + 1) * local] for c in batch]
+        shard = [c[info.rank * local : (info.rank + 1) * local] for c in batch]
         state, metrics = fdino.train_step_eager(state, shard, reducer=reducer, world_size=info.world_size)
     if info.is_main:
         torch.save({"state": state_to_dict(state), "loss": metrics["loss"]}, out_file)

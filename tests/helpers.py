@@ -64,7 +64,7 @@ def grid_cell(pixels, row: int, col: int, cell: int | tuple[int, int], *, pad: i
     """Cell ``(row, col)`` of a `fdino.eval.render.save_grid` picture: ``[h, w, 3]`` (``band``: caption px)."""
     ch, cw = (cell, cell) if isinstance(cell, int) else cell
     top, left = pad + row * (ch + band + pad), pad + col * (cw + pad)
-    return pixels[top:top + ch, left:left + cw]
+    return pixels[top : top + ch, left : left + cw]
 
 
 def tile_count(band) -> int:

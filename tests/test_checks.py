@@ -96,50 +96,67 @@ def test_fail_names_argument_value_and_what_is_allowed():
 # --- every place that takes an integer rejects a bool, naming the field ---------------------------------
 def _dino_config(v):
     from fdino import DinoConfig
+
     return DinoConfig(batch_size=v)
 
 
 def _multicrop(v):
     from fdino.data import MultiCropConfig
+
     return MultiCropConfig(n_local_crops=v)
 
 
 def _train_options(v):
     from fdino.train import TrainOptions
+
     return TrainOptions(workers=v)
 
 
 def _epoch_batches(v):
     from fdino.data import epoch_batches
+
     return epoch_batches(100, batch_size=v, seed=0, epoch=0)
 
 
 def _sampler_epoch(v):
     from fdino.data import ResumableBatchSampler
+
     return ResumableBatchSampler(100, batch_size=10).set_epoch(v)
 
 
 def _eval_transform(v):
     from fdino.data import EvalTransform
+
     return EvalTransform(v)
 
 
 def _knn(v):
     from fdino.eval.knn import knn_topk
+
     return knn_topk(torch.randn(4, 3), torch.randn(2, 3), 2, query_chunk=v)
 
 
 def _loss(v):
     from fdino import dino_loss
-    return dino_loss(torch.randn(6, 4), torch.randn(4, 4), torch.zeros(4), student_temp=0.1, teacher_temp=0.04,
-                     n_global_crops=v)
+
+    return dino_loss(
+        torch.randn(6, 4), torch.randn(4, 4), torch.zeros(4), student_temp=0.1, teacher_temp=0.04, n_global_crops=v
+    )
 
 
-@pytest.mark.parametrize("make, name", [
-    (_dino_config, "DinoConfig.batch_size"), (_multicrop, "MultiCropConfig.n_local_crops"),
-    (_train_options, "TrainOptions.workers"), (_epoch_batches, "batch_size"), (_sampler_epoch, "epoch"),
-    (_eval_transform, "EvalTransform size"), (_knn, "query_chunk"), (_loss, "dino_loss: n_global_crops"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (_dino_config, "DinoConfig.batch_size"),
+        (_multicrop, "MultiCropConfig.n_local_crops"),
+        (_train_options, "TrainOptions.workers"),
+        (_epoch_batches, "batch_size"),
+        (_sampler_epoch, "epoch"),
+        (_eval_transform, "EvalTransform size"),
+        (_knn, "query_chunk"),
+        (_loss, "dino_loss: n_global_crops"),
+    ],
+)
 def test_integer_arguments_reject_true_naming_the_field(make, name):
     with pytest.raises(ValueError, match="^" + re.escape(f"{name}=True is invalid: allowed an integer")):
         make(True)
@@ -147,18 +164,23 @@ def test_integer_arguments_reject_true_naming_the_field(make, name):
 
 def test_derive_seed_rejects_bool_parts():
     from fdino.data import derive_seed
+
     assert derive_seed(1, "a") == derive_seed(1, "a")
     with pytest.raises(TypeError, match="must be int or str, got True"):
         derive_seed(1, True)
 
 
-@pytest.mark.parametrize("text, match", [
-    ('{"config": {"batch_size": true}}', r"\[config\] batch_size = True is not a int$"),
-    ('{"config": {"lr": false}}', r"\[config\] lr = False is not a float$"),
-    ('{"config": {"patch_size": 8.0}}', r"\[config\] patch_size = 8.0 is not a int \(or null\)$"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"config": {"batch_size": true}}', r"\[config\] batch_size = True is not a int$"),
+        ('{"config": {"lr": false}}', r"\[config\] lr = False is not a float$"),
+        ('{"config": {"patch_size": 8.0}}', r"\[config\] patch_size = 8.0 is not a int \(or null\)$"),
+    ],
+)
 def test_config_files_reject_bools_and_floats_where_numbers_go(tmp_path, text, match):
     from fdino.config_file import config_file
+
     path = tmp_path / "c.json"
     path.write_text(text)
     with pytest.raises(ValueError, match=match):

@@ -18,9 +18,19 @@ BASE = presets.smoke(batch_size=16, lr=0.02, warmup_epochs=0.0, epochs=1, freeze
 
 
 def train(tmp_path, name, cfg, steps=200):
-    opts = TrainOptions(data="shapes10", run_dir=str(tmp_path / name), compile=False, workers=0, log_every=10,
-                        ckpt_every=10**6, max_steps=steps, eval_samples=100, progress=False, tensorboard=False,
-                        attention_images=0)
+    opts = TrainOptions(
+        data="shapes10",
+        run_dir=str(tmp_path / name),
+        compile=False,
+        workers=0,
+        log_every=10,
+        ckpt_every=10**6,
+        max_steps=steps,
+        eval_samples=100,
+        progress=False,
+        tensorboard=False,
+        attention_images=0,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = run(cfg, opts)

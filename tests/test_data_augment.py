@@ -34,13 +34,29 @@ def _image(seed: int = 0, h: int = 40, w: int = 48) -> torch.Tensor:
 
 
 # --- config ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value", [
-    ("n_global_crops", 0), ("n_local_crops", -1), ("global_crop_size", 0), ("local_crop_scale", (0.5, 0.2)),
-    ("global_crop_scale", (0.0, 1.0)), ("crop_ratio", (2.0, 1.0)), ("interpolation", "lanczos"), ("flip_p", 1.5),
-    ("jitter_p", float("nan")), ("hue", 0.6), ("global_blur_p", ()), ("global_solarize_p", (0.1, 2.0)),
-    ("blur_sigma", (0.0, 1.0)), ("blur_kernel_fraction", 0.0), ("std", (1.0, 0.0, 1.0)), ("mean", (0.5,)),
-    ("solarize_threshold", 300), ("n_global_crops", True),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("n_global_crops", 0),
+        ("n_local_crops", -1),
+        ("global_crop_size", 0),
+        ("local_crop_scale", (0.5, 0.2)),
+        ("global_crop_scale", (0.0, 1.0)),
+        ("crop_ratio", (2.0, 1.0)),
+        ("interpolation", "lanczos"),
+        ("flip_p", 1.5),
+        ("jitter_p", float("nan")),
+        ("hue", 0.6),
+        ("global_blur_p", ()),
+        ("global_solarize_p", (0.1, 2.0)),
+        ("blur_sigma", (0.0, 1.0)),
+        ("blur_kernel_fraction", 0.0),
+        ("std", (1.0, 0.0, 1.0)),
+        ("mean", (0.5,)),
+        ("solarize_threshold", 300),
+        ("n_global_crops", True),
+    ],
+)
 def test_config_rejects_bad_values_naming_field_and_value(field, value):
     with pytest.raises(ValueError, match=rf"MultiCropConfig\.{field}=.*allowed"):
         MultiCropConfig(**{field: value})
@@ -53,13 +69,19 @@ def test_config_needs_two_crops_and_is_frozen_and_keyword_only():
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.n_local_crops = 3
     with pytest.raises(TypeError):
-        MultiCropConfig(2)  # noqa  (keyword-only)
+        MultiCropConfig(2)
     assert c.replace(n_local_crops=3).n_crops == 5
 
 
 def test_from_dino_config_copies_crop_fields_and_small_images_get_small_blur():
-    cfg = DinoConfig(n_global_crops=2, n_local_crops=6, global_crop_size=32, local_crop_size=16,
-                     global_crop_scale=(0.5, 1.0), local_crop_scale=(0.1, 0.5))
+    cfg = DinoConfig(
+        n_global_crops=2,
+        n_local_crops=6,
+        global_crop_size=32,
+        local_crop_size=16,
+        global_crop_scale=(0.5, 1.0),
+        local_crop_scale=(0.1, 0.5),
+    )
     m = MultiCropConfig.from_dino_config(cfg)
     assert (m.n_global_crops, m.n_local_crops, m.global_crop_size, m.local_crop_size) == (2, 6, 32, 16)
     assert (m.global_crop_scale, m.local_crop_scale) == ((0.5, 1.0), (0.1, 0.5))
@@ -129,8 +151,13 @@ def test_multicrop_shapes_dtype_and_value_range():
 def test_multicrop_accepts_pil_modes_and_tensor_layouts():
     t = MultiCrop(small_image_multicrop(n_local_crops=1))
     rgb = _image()
-    for image in (Image.fromarray(rgb.permute(1, 2, 0).numpy()), Image.fromarray(rgb[0].numpy()),  # RGB, L
-                  Image.fromarray(rgb.permute(1, 2, 0).numpy()).convert("RGBA"), rgb[0], rgb[:1]):
+    for image in (
+        Image.fromarray(rgb.permute(1, 2, 0).numpy()),
+        Image.fromarray(rgb[0].numpy()),  # RGB, L
+        Image.fromarray(rgb.permute(1, 2, 0).numpy()).convert("RGBA"),
+        rgb[0],
+        rgb[:1],
+    ):
         assert [tuple(x.shape) for x in t(image, 0)] == [(3, 32, 32)] * 2 + [(3, 16, 16)]
     with pytest.raises(TypeError, match="uint8"):
         t(rgb.float(), 0)
@@ -154,11 +181,15 @@ def test_batched_crops_do_not_depend_on_the_rest_of_the_batch():
         assert all(torch.allclose(together[k][i], alone[k], atol=1e-5) for k in range(len(alone)))
 
 
-@pytest.mark.parametrize("config, image_size", [
-    (small_image_multicrop(), (40, 48)),
-    (MultiCropConfig(global_crop_size=56, local_crop_size=24, n_local_crops=2, interpolation="bilinear"), (40, 48)),
-    (MultiCropConfig(global_crop_size=64, local_crop_size=24, n_local_crops=2), (150, 170)),  # per-sample path
-], ids=["small", "bilinear", "large-image"])
+@pytest.mark.parametrize(
+    "config, image_size",
+    [
+        (small_image_multicrop(), (40, 48)),
+        (MultiCropConfig(global_crop_size=56, local_crop_size=24, n_local_crops=2, interpolation="bilinear"), (40, 48)),
+        (MultiCropConfig(global_crop_size=64, local_crop_size=24, n_local_crops=2), (150, 170)),  # per-sample path
+    ],
+    ids=["small", "bilinear", "large-image"],
+)
 def test_fast_path_matches_torchvision_reference(config, image_size):
     """The batched renderer applies the same parameters as torchvision's v2 kernels; only rounding
     differs (the reference rounds to uint8 after resizing). Errors in [0, 1] pixel units."""
@@ -194,8 +225,12 @@ def test_eval_transform_shapes_and_center_crop():
 
 @given(size=st.integers(8, 40), n_local=st.integers(0, 3), seed=st.integers(0, 2**63 - 1))
 def test_any_valid_config_renders_declared_shapes(size, n_local, seed):
-    c = MultiCropConfig(global_crop_size=size, local_crop_size=max(4, size // 2), n_local_crops=n_local,
-                        n_global_crops=1 if n_local else 2)
+    c = MultiCropConfig(
+        global_crop_size=size,
+        local_crop_size=max(4, size // 2),
+        n_local_crops=n_local,
+        n_global_crops=1 if n_local else 2,
+    )
     crops = MultiCrop(c)(_image(1, 20, 30), seed)
     assert len(crops) == c.n_crops
     assert all(x.shape[-1] == (size if k < c.n_global_crops else max(4, size // 2)) for k, x in enumerate(crops))
@@ -204,6 +239,7 @@ def test_any_valid_config_renders_declared_shapes(size, n_local, seed):
 
 def test_dino_config_augment_overrides_the_recipe_and_rejects_crop_fields():
     from fdino.cli import build_parser
+
     args = build_parser().parse_args(["train", "--augment", "hue=0.5,blur_sigma=(0.2,0.4)"])
     assert args.cfg_augment == (("hue", 0.5), ("blur_sigma", (0.2, 0.4)))
     cfg = DinoConfig(global_crop_size=32, local_crop_size=16, augment=[["hue", 0.5], ["blur_sigma", [0.2, 0.4]]])

@@ -34,13 +34,16 @@ def test_read_idx_plain_and_gzipped(tmp_path):
     assert (read_idx(tmp_path / "a") == a).all() and (read_idx(tmp_path / "a.gz") == a).all()
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "first two bytes must be zero"),
-    (b"\x00\x00\x07\x01\x00\x00\x00\x01\x05", "unknown IDX type code 0x07"),
-    (b"\x00\x00\x08\x02\x00\x00\x00\x01", "truncated IDX header"),
-    (b"\x00\x00\x08\x01\x00\x00\x00\x03\x05\x06", "needs 11 bytes, file has 10"),
-    (b"\x00\x00", "not an IDX file"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "first two bytes must be zero"),
+        (b"\x00\x00\x07\x01\x00\x00\x00\x01\x05", "unknown IDX type code 0x07"),
+        (b"\x00\x00\x08\x02\x00\x00\x00\x01", "truncated IDX header"),
+        (b"\x00\x00\x08\x01\x00\x00\x00\x03\x05\x06", "needs 11 bytes, file has 10"),
+        (b"\x00\x00", "not an IDX file"),
+    ],
+)
 def test_parse_idx_rejects_malformed_data(data, message):
     with pytest.raises(ValueError, match=message):
         parse_idx(data, "x")
@@ -72,8 +75,8 @@ def test_idx_dataset_from_a_plain_folder_of_gz_files(tmp_path):
 
 needs_debian_files = pytest.mark.skipif(
     find_idx_pair(DEBIAN_FASHION_MNIST_DIR, "train") is None or find_idx_pair(DEBIAN_FASHION_MNIST_DIR, "test") is None,
-    reason=f"Fashion-MNIST IDX files absent from {DEBIAN_FASHION_MNIST_DIR} "
-           "(apt-get install -y dataset-fashion-mnist)")
+    reason=f"Fashion-MNIST IDX files absent from {DEBIAN_FASHION_MNIST_DIR} (apt-get install -y dataset-fashion-mnist)",
+)
 
 
 @needs_debian_files

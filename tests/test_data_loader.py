@@ -36,8 +36,11 @@ TRANSFORM = MultiCrop(small_image_multicrop(n_local_crops=2))  # 2 x 32 px + 2 x
 def tiny():
     """40 random 24x24 images with labels 0..3."""
     g = torch.Generator().manual_seed(0)
-    return ArrayDataset(torch.randint(0, 256, (40, 3, 24, 24), generator=g, dtype=torch.uint8),
-                        torch.arange(40) % 4, ("a", "b", "c", "d"))
+    return ArrayDataset(
+        torch.randint(0, 256, (40, 3, 24, 24), generator=g, dtype=torch.uint8),
+        torch.arange(40) % 4,
+        ("a", "b", "c", "d"),
+    )
 
 
 def _epoch(loader, epoch, start=0):
@@ -47,7 +50,8 @@ def _epoch(loader, epoch, start=0):
 def _same(batches_a, batches_b) -> bool:
     return len(batches_a) == len(batches_b) and all(
         torch.equal(la, lb) and all(torch.equal(x, y) for x, y in zip(ca, cb))
-        for (ca, la), (cb, lb) in zip(batches_a, batches_b))
+        for (ca, la), (cb, lb) in zip(batches_a, batches_b)
+    )
 
 
 # --- index plans -----------------------------------------------------------------------------------------
@@ -58,15 +62,21 @@ def test_derive_seed_is_stable_and_separates_streams():
     assert derive_seed(1, 23) != derive_seed(12, 3) and derive_seed(1, "2") != derive_seed(1, 2)
 
 
-@given(n=st.integers(1, 300), batch=st.integers(1, 16), world=st.integers(1, 4), seed=st.integers(0, 2**40),
-       epoch=st.integers(0, 1000))
+@given(
+    n=st.integers(1, 300),
+    batch=st.integers(1, 16),
+    world=st.integers(1, 4),
+    seed=st.integers(0, 2**40),
+    epoch=st.integers(0, 1000),
+)
 def test_shards_are_disjoint_equal_and_cover_full_global_batches(n, batch, world, seed, epoch):
     if n < batch * world:
         with pytest.raises(ValueError, match="fewer than one global batch"):
             epoch_batches(n, batch_size=batch, seed=seed, epoch=epoch, world_size=world)
         return
-    shards = [epoch_batches(n, batch_size=batch, seed=seed, epoch=epoch, rank=r, world_size=world)
-              for r in range(world)]
+    shards = [
+        epoch_batches(n, batch_size=batch, seed=seed, epoch=epoch, rank=r, world_size=world) for r in range(world)
+    ]
     steps = batches_per_epoch(n, batch, world)
     assert all(s.shape == (steps, batch) for s in shards)
     flat = torch.cat([s.reshape(-1) for s in shards])
@@ -129,8 +139,8 @@ def test_same_seed_same_batches_and_epochs_differ(tiny):
     b = _epoch(MultiCropLoader(tiny, TRANSFORM, batch_size=8, seed=1), 0)
     assert _same(a, b)
     loader = MultiCropLoader(tiny, TRANSFORM, batch_size=40, seed=1)
-    (c0, l0), = _epoch(loader, 0)
-    (c1, l1), = _epoch(loader, 1)
+    ((c0, l0),) = _epoch(loader, 0)
+    ((c1, l1),) = _epoch(loader, 1)
     # The same 40 images in both epochs: find image 7 in each and compare its crops.
     i0, i1 = epoch_batches(40, batch_size=40, seed=1, epoch=0)[0], epoch_batches(40, batch_size=40, seed=1, epoch=1)[0]
     j0, j1 = int((i0 == 7).nonzero()), int((i1 == 7).nonzero())

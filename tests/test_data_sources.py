@@ -91,8 +91,15 @@ def _bad_files(root):
     return ("zero.png", "text.png", "truncated.png", "corrupt.png")
 
 
-@pytest.mark.parametrize("name, reason", [("zero.png", "zero bytes"), ("text.png", "UnidentifiedImageError"),
-                                          ("truncated.png", "OSError"), ("corrupt.png", "OSError")])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("zero.png", "zero bytes"),
+        ("text.png", "UnidentifiedImageError"),
+        ("truncated.png", "OSError"),
+        ("corrupt.png", "OSError"),
+    ],
+)
 def test_each_kind_of_bad_file_raises_bad_image_error_naming_the_file(tmp_path, name, reason):
     _bad_files(tmp_path)
     with pytest.raises(BadImageError, match=name) as info:
@@ -173,8 +180,13 @@ def _images(n, size, seed):
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_from_test_made_files(tmp_path, no_md5, name):
     folder, label_key, files, meta, names_key = {
-        "cifar10": ("cifar-10-batches-py", "labels", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
-                    "batches.meta", "label_names"),
+        "cifar10": (
+            "cifar-10-batches-py",
+            "labels",
+            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+            "batches.meta",
+            "label_names",
+        ),
         "cifar100": ("cifar-100-python", "fine_labels", ["train", "test"], "meta", "fine_label_names"),
     }[name]
     n_classes = 10 if name == "cifar10" else 100
@@ -212,8 +224,14 @@ def test_stl10_from_test_made_files(tmp_path, no_md5):
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
-    code = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
-            np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}[array.dtype]
+    code = {
+        np.dtype("u1"): 0x08,
+        np.dtype("i1"): 0x09,
+        np.dtype(">i2"): 0x0B,
+        np.dtype(">i4"): 0x0C,
+        np.dtype(">f4"): 0x0D,
+        np.dtype(">f8"): 0x0E,
+    }[array.dtype]
     header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
     return header + array.tobytes()
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_setup import CFG, N_STEPS, batches
 
 import fdino
-from dist_setup import CFG, N_STEPS, batches
 from fdino.distributed import _buckets
 
 TESTS = Path(__file__).resolve().parent
@@ -27,18 +27,30 @@ def single_process_run(cfg, n_steps=N_STEPS):
 def assert_states_close(a, b, atol=1e-5):
     for tree in ("student", "teacher"):
         for name in getattr(a, tree):
-            torch.testing.assert_close(getattr(a, tree)[name], getattr(b, tree)[name], rtol=0, atol=atol,
-                                       msg=f"{tree}.{name}")
+            torch.testing.assert_close(
+                getattr(a, tree)[name], getattr(b, tree)[name], rtol=0, atol=atol, msg=f"{tree}.{name}"
+            )
     torch.testing.assert_close(a.center, b.center, rtol=0, atol=atol)
     assert int(a.step) == int(b.step)
 
 
 def test_two_gloo_processes_equal_one_process_with_the_whole_batch(tmp_path):
     out = tmp_path / "rank0.pt"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "dist_worker.py"), str(out)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(TESTS / "dist_worker.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from fdino.checkpoint import state_from_dict

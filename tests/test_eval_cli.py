@@ -21,7 +21,6 @@ from fdino.checkpoint import save_checkpoint
 from fdino.eval.cli import register
 from fdino.eval.render import CAPTION, cell_scale, grid_size
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -71,8 +70,9 @@ def test_every_command_has_help_with_defaults(capsys):
 
 
 def test_module_entry_point_runs():
-    done = subprocess.run([sys.executable, "-m", "fdino.eval.cli", "eval", "knn", "--help"], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "fdino.eval.cli", "eval", "knn", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "--temperature" in done.stdout
 
 
@@ -89,11 +89,31 @@ def test_knn_reports_features_and_raw_pixels(ckpt, data, tmp_path, capsys):
 
 
 def test_knn_with_plain_weights_and_last_blocks(tmp_path, data, capsys):
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, patch_size=4, img_size=16, embed_dim=32, depth=2,
-                            num_heads=2)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2
+    )
     torch.save(vit.state_dict(), tmp_path / "w.pth")
-    assert run("eval", "knn", tmp_path / "w.pth", "--arch", "vit_tiny_patch16_224", "--model-kwargs", "embed_dim=32",
-               "depth=2", "num_heads=2", "--data", data, "--k", 2, "--n-last-blocks", 2, "--avgpool") == 0
+    assert (
+        run(
+            "eval",
+            "knn",
+            tmp_path / "w.pth",
+            "--arch",
+            "vit_tiny_patch16_224",
+            "--model-kwargs",
+            "embed_dim=32",
+            "depth=2",
+            "num_heads=2",
+            "--data",
+            data,
+            "--k",
+            2,
+            "--n-last-blocks",
+            2,
+            "--avgpool",
+        )
+        == 0
+    )
     assert "features   k=2" in capsys.readouterr().out
 
 
@@ -102,8 +122,7 @@ def test_linear_fast_and_paper_modes(ckpt, data, tmp_path):
     assert run("eval", "linear", ckpt, "--data", data, "--epochs", 3, "--lr", 0.1, 0.5, "--json", out) == 0
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"0.1", "0.5"} and all(0 <= r["top1"] <= 100 for r in results.values())
-    assert run("eval", "linear", ckpt, "--data", data, "--mode", "paper", "--epochs", 1,
-               "--probe-batch-size", 8) == 0
+    assert run("eval", "linear", ckpt, "--data", data, "--mode", "paper", "--epochs", 1, "--probe-batch-size", 8) == 0
 
 
 def test_attention_writes_one_grid_per_image(ckpt, data, tmp_path):
@@ -124,10 +143,10 @@ def test_attention_writes_one_grid_per_image(ckpt, data, tmp_path):
         for h in range(heads):
             overlay = grid_cell(pixels, 1 + h, 0, cell)
             assert np.abs(overlay - image).mean() > 20, "no heat map over the image"
-            heats.append((overlay - 0.4 * image) / 0.6)                # attention_cells: 0.4 image + 0.6 heat
+            heats.append((overlay - 0.4 * image) / 0.6)  # attention_cells: 0.4 image + 0.6 heat
             dimmed = (np.abs(grid_cell(pixels, 1 + heads + h, 0, cell) - image).max(axis=-1) > 10).mean()
             assert 0.1 < dimmed < 0.9, f"the mask dims {dimmed:.0%} of the image"
-    assert np.abs(heats[0] - heats[heads]).max() > 5                  # the two files' maps differ
+    assert np.abs(heats[0] - heats[heads]).max() > 5  # the two files' maps differ
     png_pixels(written[2], size=grid_size(1 + 2 * heads, 1, cell))
 
 
@@ -150,8 +169,27 @@ def test_embed_then_search_finds_the_query_itself(ckpt, data, tmp_path, capsys):
 
 
 def test_viz_writes_scatter_plots_and_patch_pca(ckpt, data, tmp_path):
-    assert run("viz", ckpt, "--data", data, "--split", "memory", "--max-points", 12, "--tsne-iters", 60,
-               "--perplexity", 3, "--patch-pca", 2, "--out", tmp_path / "viz") == 0
+    assert (
+        run(
+            "viz",
+            ckpt,
+            "--data",
+            data,
+            "--split",
+            "memory",
+            "--max-points",
+            12,
+            "--tsne-iters",
+            60,
+            "--perplexity",
+            3,
+            "--patch-pca",
+            2,
+            "--out",
+            tmp_path / "viz",
+        )
+        == 0
+    )
     for name in ("pca.png", "tsne.png", "patch-pca.png"):
         pixels = np.asarray(Image.open(tmp_path / "viz" / name).convert("RGB"), dtype=np.float64)
         assert pixels.var() > 0, name

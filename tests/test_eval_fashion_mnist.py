@@ -15,9 +15,11 @@ from fdino.eval import raw_pixel_knn
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not FASHION_MNIST.is_dir(),
-                    reason=f"{FASHION_MNIST} is absent: install Debian's dataset-fashion-mnist "
-                           f"(apt-get install dataset-fashion-mnist) to check the raw-pixel k-NN figure")
+@pytest.mark.skipif(
+    not FASHION_MNIST.is_dir(),
+    reason=f"{FASHION_MNIST} is absent: install Debian's dataset-fashion-mnist "
+    f"(apt-get install dataset-fashion-mnist) to check the raw-pixel k-NN figure",
+)
 def test_fashion_mnist_raw_pixel_20nn_matches_the_known_figure():
     """Raw-pixel 20-NN on Fashion-MNIST (60k bank, 10k test queries) scores about 85-86% top-1.
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import fdino
-import pytest
 from fdino.data import ArrayDataset, EvalTransform
 from fdino.eval import batch_features, extract_features, representation_stats
 
@@ -17,11 +16,11 @@ TINY = dict(patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-
 def tiny_vit(**kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
-                             **{**TINY, **kwargs}).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, **{**TINY, **kwargs}
+    ).eval()
 
 
 # --- features -------------------------------------------------------------------------------------------
@@ -76,8 +75,7 @@ def test_transform_path_and_mode_restoration():
     with pytest.raises(TypeError, match="EvalTransform"):
         extract_features(vit, data)  # raw uint8 images and no transform
     vit.eval()
-    torch.testing.assert_close(feats, vit(torch.stack([transform(data[i][0]) for i in range(5)])), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(feats, vit(torch.stack([transform(data[i][0]) for i in range(5)])), rtol=1e-5, atol=1e-5)
 
 
 def test_representation_stats_flag_collapse():

@@ -12,9 +12,7 @@ from hypothesis import strategies as st
 from fdino.eval import center_features, knn_classify, knn_topk, knn_vote, raw_pixel_features
 from fdino.eval.knn import topk_accuracy
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def clusters(n_per_class: int, num_classes: int, dim: int, *, noise: float, seed: int):
@@ -55,11 +53,18 @@ def test_shuffled_labels_score_chance():
     assert abs(result[20]["top5"] - 50.0) < 5.0
 
 
-@given(n=st.integers(1, 60), m=st.integers(1, 30), dim=st.integers(2, 8), k=st.integers(1, 70),
-       query_chunk=st.integers(1, 40), bank_chunk=st.integers(1, 70), num_classes=st.integers(1, 6),
-       temperature=st.sampled_from([0.07, 0.5, 1.0]), seed=st.integers(0, 2**16))
-def test_chunked_knn_matches_float64_brute_force(n, m, dim, k, query_chunk, bank_chunk, num_classes, temperature,
-                                                 seed):
+@given(
+    n=st.integers(1, 60),
+    m=st.integers(1, 30),
+    dim=st.integers(2, 8),
+    k=st.integers(1, 70),
+    query_chunk=st.integers(1, 40),
+    bank_chunk=st.integers(1, 70),
+    num_classes=st.integers(1, 6),
+    temperature=st.sampled_from([0.07, 0.5, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_knn_matches_float64_brute_force(n, m, dim, k, query_chunk, bank_chunk, num_classes, temperature, seed):
     g = torch.Generator().manual_seed(seed)
     bank, queries = torch.randn(n, dim, generator=g), torch.randn(m, dim, generator=g)
     bank_y, query_y = torch.randint(0, num_classes, (n,), generator=g), torch.randint(0, num_classes, (m,), generator=g)
@@ -78,8 +83,17 @@ def test_chunked_knn_matches_float64_brute_force(n, m, dim, k, query_chunk, bank
     torch.testing.assert_close(votes, ref_votes, rtol=1e-4, atol=0)
 
     # Aggregate accuracy equals the brute force's, up to queries whose ranking is a near-tie.
-    result = knn_classify(bank, bank_y, queries, query_y, ks=(k,), temperature=temperature, num_classes=num_classes,
-                          query_chunk=query_chunk, bank_chunk=bank_chunk)
+    result = knn_classify(
+        bank,
+        bank_y,
+        queries,
+        query_y,
+        ks=(k,),
+        temperature=temperature,
+        num_classes=num_classes,
+        query_chunk=query_chunk,
+        bank_chunk=bank_chunk,
+    )
     ref = topk_accuracy(ref_votes, query_y, (1, 5))
     top = ref_votes.sort(dim=1, descending=True).values
     boundary = ref_values[:, kk - 1] - (ref_values[:, kk] if kk < n else -2.0)
@@ -91,7 +105,7 @@ def test_chunked_knn_matches_float64_brute_force(n, m, dim, k, query_chunk, bank
 
 def test_chunking_does_not_change_the_result():
     bank, queries = torch.randn(1000, 8), torch.randn(300, 8)
-    small = knn_topk(bank, queries, 17, query_chunk=64, bank_chunk=100)   # 5 x 10 blocks, ragged tail
+    small = knn_topk(bank, queries, 17, query_chunk=64, bank_chunk=100)  # 5 x 10 blocks, ragged tail
     whole = knn_topk(bank, queries, 17, query_chunk=300, bank_chunk=1000)  # one block
     torch.testing.assert_close(small[0], whole[0])
     assert torch.equal(small[1], whole[1])
@@ -139,7 +153,8 @@ def test_raw_pixel_features_drop_duplicate_gray_channels_without_changing_cosine
     feats, labels = raw_pixel_features(Items(), batch_size=4)
     assert feats.shape == (6, 25) and labels.tolist() == [0, 1, 0, 1, 0, 1]
     full = torch.stack([d[0] for d in data]).reshape(6, -1).float() / 255
-    a, = center_features(feats)
-    b, = center_features(full)
-    torch.testing.assert_close(F.normalize(a, dim=1) @ F.normalize(a, dim=1).T,
-                               F.normalize(b, dim=1) @ F.normalize(b, dim=1).T)
+    (a,) = center_features(feats)
+    (b,) = center_features(full)
+    torch.testing.assert_close(
+        F.normalize(a, dim=1) @ F.normalize(a, dim=1).T, F.normalize(b, dim=1) @ F.normalize(b, dim=1).T
+    )

@@ -12,13 +12,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fdino.data import ArrayDataset
-from fdino.eval import linear_eval_images, linear_probe, train_linear_probe
 from fdino.data.augment import random_resized_crop_box
+from fdino.eval import linear_eval_images, linear_probe, train_linear_probe
 from fdino.eval.linear import cosine_lr
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def clusters(n_per_class: int, num_classes: int, dim: int, *, seed: int, offset: float = 0.0):
@@ -37,8 +35,9 @@ def test_separable_clusters_reach_100_percent(batch_size, standardize):
     train, train_y = clusters(60, 5, 12, seed=1, offset=offset)
     test, test_y = clusters(20, 5, 12, seed=2, offset=offset)
     lr = None if standardize else 0.05
-    result = linear_probe(train, train_y, test, test_y, epochs=30, batch_size=batch_size, standardize=standardize,
-                          lr=lr)
+    result = linear_probe(
+        train, train_y, test, test_y, epochs=30, batch_size=batch_size, standardize=standardize, lr=lr
+    )
     assert result["top1"] == 100.0 and result["top5"] == 100.0 and result["train_top1"] == 100.0
     probe = result["probe"]
     assert probe.weight.shape == (5, 12) and probe.bias.shape == (5,)
@@ -86,14 +85,33 @@ def colour_images(n_per_class: int, seed: int) -> ArrayDataset:
 
 def test_paper_recipe_on_augmented_images_through_a_frozen_vit():
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
-                            patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2).eval()
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        patch_size=4,
+        img_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    ).eval()
     before = {k: v.clone() for k, v in vit.state_dict().items()}
     losses = []
-    result = linear_eval_images(vit, colour_images(24, seed=0), colour_images(10, seed=1), image_size=16,
-                                mean=(0.5,) * 3, std=(0.25,) * 3, epochs=6, batch_size=16, lr=0.5, n_last_blocks=2,
-                                on_epoch=lambda e, loss: losses.append(loss))
+    result = linear_eval_images(
+        vit,
+        colour_images(24, seed=0),
+        colour_images(10, seed=1),
+        image_size=16,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        epochs=6,
+        batch_size=16,
+        lr=0.5,
+        n_last_blocks=2,
+        on_epoch=lambda e, loss: losses.append(loss),
+    )
     assert result["top1"] == 100.0
-    assert result["probe"].weight.shape == (2, 64)          # 2 blocks' CLS tokens concatenated
+    assert result["probe"].weight.shape == (2, 64)  # 2 blocks' CLS tokens concatenated
     assert len(losses) == 6 and losses[-1] < losses[0]
     assert all(torch.equal(before[k], v) for k, v in vit.state_dict().items()), "the backbone must stay frozen"

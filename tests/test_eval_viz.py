@@ -16,19 +16,39 @@ from hypothesis import strategies as st
 from matplotlib import colormaps
 from PIL import Image
 
-from fdino.eval import (Embeddings, embed_folder, load_embeddings, patch_pca_rgb, patch_tokens, pca,
-                        save_embeddings, save_patch_pca, save_scatter, save_search_grid, search, tsne)
+from fdino.eval import (
+    Embeddings,
+    embed_folder,
+    load_embeddings,
+    patch_pca_rgb,
+    patch_tokens,
+    pca,
+    save_embeddings,
+    save_patch_pca,
+    save_scatter,
+    save_search_grid,
+    search,
+    tsne,
+)
 from fdino.eval.render import CAPTION, cell_scale, grid_size
 from fdino.eval.tsne import conditional_affinities, squared_distances
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit() -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
-                             patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        patch_size=4,
+        img_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    ).eval()
 
 
 def blobs(n: int, classes: int, dim: int, seed: int = 0):
@@ -71,8 +91,7 @@ def test_tsne_separates_clusters_and_is_deterministic():
 
 def test_scatter_png_is_drawn(tmp_path):
     x, labels = blobs(30, 4, 5)
-    path = save_scatter(pca(x), labels, tmp_path / "p" / "pca.png", title="PCA", class_names=list("abcd"),
-                        size_px=300)
+    path = save_scatter(pca(x), labels, tmp_path / "p" / "pca.png", title="PCA", class_names=list("abcd"), size_px=300)
     pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
     assert pixels.shape == (300, 300, 3) and pixels.var() > 0
     pixels = png_pixels(path, size=(300, 300))
@@ -103,7 +122,7 @@ def test_png_check_rejects_blank_and_wrong_pictures(tmp_path):
 def test_patch_pca_colours_and_figure(tmp_path):
     vit = tiny_vit()
     images = torch.randn(3, 3, 16, 16)
-    images[2] = images[0]                                            # same image, same patch colours
+    images[2] = images[0]  # same image, same patch colours
     tokens = patch_tokens(vit, images)
     assert tokens.shape == (3, 4, 4, 32)
     rgb = patch_pca_rgb(tokens)
@@ -112,7 +131,7 @@ def test_patch_pca_colours_and_figure(tmp_path):
     torch.testing.assert_close(rgb.amin(dim=(0, 2, 3)), torch.zeros(3))
     torch.testing.assert_close(rgb.amax(dim=(0, 2, 3)), torch.ones(3))
     fg = patch_pca_rgb(tokens, foreground=True)
-    assert fg.shape == rgb.shape and (fg.sum(dim=1) == 0).any()      # background patches are black
+    assert fg.shape == rgb.shape and (fg.sum(dim=1) == 0).any()  # background patches are black
     path = save_patch_pca(vit, images, tmp_path / "patch.png", mean=(0.5,) * 3, std=(0.25,) * 3)
     pixels = np.asarray(Image.open(path), dtype=np.float64)
     assert pixels.shape == (*grid_size(2, 3, 16 * cell_scale(16)), 3) and pixels.var() > 0
@@ -192,8 +211,9 @@ def test_search_grid_png(tmp_path):
     captions = []
     for j, image in enumerate([query, *results]):
         want = F.interpolate(image[None], size=(96, 96), mode="bilinear", align_corners=False).clamp(0, 1)[0]
-        np.testing.assert_allclose(grid_cell(pixels, 0, j, 96, band=CAPTION), want.permute(1, 2, 0).numpy() * 255,
-                                   atol=1)
-        captions.append(pixels[98:98 + CAPTION, 2 + 98 * j:2 + 98 * j + 96])
+        np.testing.assert_allclose(
+            grid_cell(pixels, 0, j, 96, band=CAPTION), want.permute(1, 2, 0).numpy() * 255, atol=1
+        )
+        captions.append(pixels[98 : 98 + CAPTION, 2 + 98 * j : 2 + 98 * j + 96])
         assert (captions[-1] < 128).any(axis=-1).sum() > 20, f"caption {j} has no text"
     assert all(np.abs(a - b).mean() > 1 for a, b in itertools.pairwise(captions))

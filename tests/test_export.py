@@ -21,8 +21,8 @@ import fdino
 from fdino.checkpoint import save_checkpoint
 from fdino.data import EvalTransform, build_dataset
 from fdino.export import OnnxBackbone, compare_int8, compare_onnx, onnx_session, quantize_torch, time_forward
-from fdino.weights import ExportInfo, export_safetensors, load_model, read_export_info
 from fdino.export.cli import register
+from fdino.weights import ExportInfo, export_safetensors, load_model, read_export_info
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="needs the export extras: pip install 'fdino[export]'")
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript (export extras)")
@@ -57,8 +57,21 @@ def run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(run_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    code, stdout, stderr = run_cli(["export", str(run_dir), "--out", str(out), "--int8", "--n-memory", "200",
-                                    "--n-query", "100", "--bench-batch", "16"])
+    code, stdout, stderr = run_cli(
+        [
+            "export",
+            str(run_dir),
+            "--out",
+            str(out),
+            "--int8",
+            "--n-memory",
+            "200",
+            "--n-query",
+            "100",
+            "--bench-batch",
+            "16",
+        ]
+    )
     return out, code, stdout, stderr
 
 
@@ -73,10 +86,17 @@ def test_export_command_succeeds_and_prints_the_checks(exported):
     assert code == 0, stdout + stderr
     cosine = float(re.search(r"min cosine ([0-9.]+) \(>= 0\.9999: ok\)", stdout).group(1))
     assert cosine >= 0.9999
-    assert re.search(r"int8 \(onnxruntime\): k-NN top-1 \(k=20\) [0-9.]+% fp32 -> [0-9.]+% int8 \(change [-+][0-9.]+ "
-                     r"points\).*speed-up x[0-9.]+", stdout), stdout
-    assert {p.name for p in out.iterdir()} == {"backbone.safetensors", "backbone.json", "backbone.onnx",
-                                               "backbone.int8.onnx"}
+    assert re.search(
+        r"int8 \(onnxruntime\): k-NN top-1 \(k=20\) [0-9.]+% fp32 -> [0-9.]+% int8 \(change [-+][0-9.]+ "
+        r"points\).*speed-up x[0-9.]+",
+        stdout,
+    ), stdout
+    assert {p.name for p in out.iterdir()} == {
+        "backbone.safetensors",
+        "backbone.json",
+        "backbone.onnx",
+        "backbone.int8.onnx",
+    }
 
 
 def test_safetensors_holds_config_and_rebuilds_the_teacher(exported, teacher):
@@ -158,8 +178,9 @@ def test_torch_int8_replaces_linears_and_stays_close(teacher):
 def test_compare_int8_report(teacher):
     memory = build_dataset("shapes10", split="memory", n=60).dataset
     query = build_dataset("shapes10", split="query", n=30).dataset
-    report = compare_int8(teacher, teacher, memory, query, transform=EvalTransform(16), backend="torch", k=5,
-                          bench_batch=8, repeats=1)
+    report = compare_int8(
+        teacher, teacher, memory, query, transform=EvalTransform(16), backend="torch", k=5, bench_batch=8, repeats=1
+    )
     assert report.top1_change == 0 and report.min_cosine > 0.9999 and report.batch == 8
     assert report.seconds_fp32 > 0 and "speed-up x" in report.summary()
 
@@ -171,8 +192,22 @@ def test_time_forward_takes_the_best_run():
 
 
 def test_quantize_command_torch_backend(run_dir):
-    code, stdout, stderr = run_cli(["quantize", str(run_dir), "--backend", "torch", "--n-memory", "100",
-                                    "--n-query", "50", "--bench-batch", "8", "--k", "10"])
+    code, stdout, stderr = run_cli(
+        [
+            "quantize",
+            str(run_dir),
+            "--backend",
+            "torch",
+            "--n-memory",
+            "100",
+            "--n-query",
+            "50",
+            "--bench-batch",
+            "8",
+            "--k",
+            "10",
+        ]
+    )
     assert code == 0, stderr
     assert re.search(r"int8 \(torch\): k-NN top-1 \(k=10\) .* \(change [-+][0-9.]+ points\).*speed-up x", stdout)
 
@@ -200,7 +235,8 @@ def test_export_cli_help_and_defaults():
 
 
 def test_plain_export_of_safetensors_only(run_dir, tmp_path, teacher):
-    code, stdout, _ = run_cli(["export", str(run_dir), "--out", str(tmp_path), "--formats", "safetensors",
-                               "--which", "student"])
+    code, stdout, _ = run_cli(
+        ["export", str(run_dir), "--out", str(tmp_path), "--formats", "safetensors", "--which", "student"]
+    )
     assert code == 0 and "onnx" not in stdout
     assert load_model(tmp_path / "backbone.safetensors").info.which == "student"

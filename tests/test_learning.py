@@ -12,9 +12,19 @@ from fdino.train import TrainOptions, run
 
 def test_teacher_knn_improves_over_initialization(tmp_path):
     cfg = presets.small32_resnet()  # the demo's schedules; the run stops at 200 of 2,028 steps
-    opts = TrainOptions(data="shapes10", run_dir=str(tmp_path / "learn"), compile=False, workers=1, log_every=50,
-                        ckpt_every=10**6, max_steps=200, eval_samples=1000, progress=False, tensorboard=False,
-                        attention_images=0)
+    opts = TrainOptions(
+        data="shapes10",
+        run_dir=str(tmp_path / "learn"),
+        compile=False,
+        workers=1,
+        log_every=50,
+        ckpt_every=10**6,
+        max_steps=200,
+        eval_samples=1000,
+        progress=False,
+        tensorboard=False,
+        attention_images=0,
+    )
     summary = run(cfg, opts)
     gain = summary["knn_top1_teacher"] - summary["knn_top1_init"]
     assert gain >= 3.0, f"teacher k-NN {summary['knn_top1_teacher']:.1f}% vs init {summary['knn_top1_init']:.1f}%"

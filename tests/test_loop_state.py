@@ -9,8 +9,16 @@ from fdino.checkpoint import load_checkpoint, save_checkpoint
 from fdino.loop_state import COLLAPSE_READINGS, KnnReading, LoopState, StepTimer
 
 # What `fdino train` wrote into ckpt["loop"] before LoopState (a labeled run, no collapse reading yet).
-OLD_LOOP = {"step": 16, "elapsed": 12.5, "images": 64, "history": [{"step": 0, "knn_top1": 12.5}],
-            "knn_init": 12.5, "knn_raw_pixels": 30.0, "epoch": 2, "batch": 4}
+OLD_LOOP = {
+    "step": 16,
+    "elapsed": 12.5,
+    "images": 64,
+    "history": [{"step": 0, "knn_top1": 12.5}],
+    "knn_init": 12.5,
+    "knn_raw_pixels": 30.0,
+    "epoch": 2,
+    "batch": 4,
+}
 
 
 def test_reads_the_loop_dict_of_older_checkpoints():
@@ -18,8 +26,9 @@ def test_reads_the_loop_dict_of_older_checkpoints():
     assert (loop.step, loop.epoch, loop.batch, loop.images, loop.elapsed) == (16, 2, 4, 64, 12.5)
     assert loop.knn_history == (KnnReading(step=0, top1=12.5),)
     assert (loop.knn_init, loop.knn_raw_pixels, loop.collapse_streak, loop.collapse_warning) == (12.5, 30.0, 0, None)
-    unlabeled = LoopState.from_dict({"step": 3, "elapsed": 1.0, "images": 12, "history": [], "epoch": 0, "batch": 3},
-                                    steps_per_epoch=6)
+    unlabeled = LoopState.from_dict(
+        {"step": 3, "elapsed": 1.0, "images": 12, "history": [], "epoch": 0, "batch": 3}, steps_per_epoch=6
+    )
     assert unlabeled.knn_init is None and unlabeled.knn_history == ()
 
 
@@ -30,8 +39,9 @@ def test_round_trips_through_a_checkpoint_file(tmp_path):
     saved = save_checkpoint(tmp_path, state, loop.to_dict())
     _, raw = load_checkpoint(saved)
     assert LoopState.from_dict(raw, steps_per_epoch=5) == loop
-    assert {**OLD_LOOP, "collapse_streak": 0, "collapse_warning": None} == \
-        LoopState.from_dict(OLD_LOOP, steps_per_epoch=6).to_dict()  # the same keys as before
+    assert {**OLD_LOOP, "collapse_streak": 0, "collapse_warning": None} == LoopState.from_dict(
+        OLD_LOOP, steps_per_epoch=6
+    ).to_dict()  # the same keys as before
 
 
 def test_a_changed_epoch_length_or_an_unknown_key_is_refused():

@@ -67,7 +67,9 @@ def test_reference_matches_paper_loop_loss_and_grad(inputs):
 def test_float64_reference_is_exact(inputs):
     student, teacher, center, tau_s, tau_t = inputs
     want, _ = paper_loss(student, teacher, center, tau_s, tau_t)
-    got, _ = dino_loss_reference(student.double(), teacher.double(), center.double(), student_temp=tau_s, teacher_temp=tau_t)
+    got, _ = dino_loss_reference(
+        student.double(), teacher.double(), center.double(), student_temp=tau_s, teacher_temp=tau_t
+    )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -76,8 +78,14 @@ def test_other_global_crop_counts_match_the_paper_loop(n_global, v):
     b, k = 3, 11
     student, teacher, center = torch.randn(v * b, k), torch.randn(n_global * b, k), torch.randn(k)
     want, _ = paper_loss(student, teacher, center, 0.1, 0.04, n_global=n_global)
-    got, _ = dino_loss(student.double(), teacher.double(), center.double(), student_temp=0.1, teacher_temp=0.04,
-                       n_global_crops=n_global)
+    got, _ = dino_loss(
+        student.double(),
+        teacher.double(),
+        center.double(),
+        student_temp=0.1,
+        teacher_temp=0.04,
+        n_global_crops=n_global,
+    )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -103,13 +111,19 @@ def test_invariant_to_adding_a_constant_to_a_student_row():
     student, teacher, center = torch.randn(v * b, k).double(), torch.randn(2 * b, k).double(), torch.randn(k).double()
     shifted = student + torch.randn(v * b, 1).double() * 100
     kw = dict(student_temp=0.1, teacher_temp=0.04)
-    torch.testing.assert_close(dino_loss(shifted, teacher, center, **kw)[0], dino_loss(student, teacher, center, **kw)[0])
+    torch.testing.assert_close(
+        dino_loss(shifted, teacher, center, **kw)[0], dino_loss(student, teacher, center, **kw)[0]
+    )
 
 
 def test_invariant_to_permuting_the_batch_consistently_across_crops():
     b, v, k = 5, 4, 6
     # A small center and a soft teacher: each image's target differs, so pairings matter.
-    student, teacher, center = torch.randn(v * b, k).double(), torch.randn(2 * b, k).double(), 0.1 * torch.randn(k).double()
+    student, teacher, center = (
+        torch.randn(v * b, k).double(),
+        torch.randn(2 * b, k).double(),
+        0.1 * torch.randn(k).double(),
+    )
     kw = dict(student_temp=0.1, teacher_temp=0.5)
     perm = torch.randperm(b)
     s_perm = student.view(v, b, k)[:, perm].reshape(v * b, k)
@@ -167,8 +181,13 @@ def test_tensor_temperatures_equal_float_temperatures():
 )
 def test_clear_errors_for_bad_shapes(student_shape, teacher_shape, center_shape, match):
     with pytest.raises(ValueError, match=match):
-        dino_loss(torch.randn(student_shape), torch.randn(teacher_shape), torch.randn(center_shape),
-                  student_temp=0.1, teacher_temp=0.04)
+        dino_loss(
+            torch.randn(student_shape),
+            torch.randn(teacher_shape),
+            torch.randn(center_shape),
+            student_temp=0.1,
+            teacher_temp=0.04,
+        )
 
 
 def test_clear_errors_for_bad_dtype_temperature_and_impl():
@@ -184,7 +203,9 @@ def test_clear_errors_for_bad_dtype_temperature_and_impl():
 @pytest.mark.parametrize("n_global_crops", [0, True, 2.0])
 def test_n_global_crops_must_be_a_positive_int_not_a_bool(n_global_crops):
     s, t, c = torch.randn(8, 10), torch.randn(4, 10), torch.zeros(10)
-    with pytest.raises(ValueError, match=rf"dino_loss: n_global_crops={n_global_crops!r} is invalid: allowed an integer >= 1"):
+    with pytest.raises(
+        ValueError, match=rf"dino_loss: n_global_crops={n_global_crops!r} is invalid: allowed an integer >= 1"
+    ):
         dino_loss(s, t, c, student_temp=0.1, teacher_temp=0.04, n_global_crops=n_global_crops)
 
 

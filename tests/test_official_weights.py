@@ -22,7 +22,6 @@ from torch import nn
 
 from fdino.weights import guess_timm_arch, load_model, timm_to_official, torch_load_safe, unwrap_state_dict
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -85,7 +84,7 @@ class OfficialViT(nn.Module):
                     m.bias.normal_(0, 0.1)
 
     def forward(self, x):
-        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)                 # (B, N, D)
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
@@ -94,26 +93,49 @@ class OfficialViT(nn.Module):
 
 def dino_head_keys(dim: int, prefix: str) -> dict[str, torch.Tensor]:
     """A (small) DINO projection head in the official layout: must be dropped on loading."""
-    return {f"{prefix}head.mlp.0.weight": torch.randn(8, dim), f"{prefix}head.mlp.0.bias": torch.zeros(8),
-            f"{prefix}head.last_layer.weight_g": torch.ones(16, 1), f"{prefix}head.last_layer.weight_v": torch.randn(16, 8)}
+    return {
+        f"{prefix}head.mlp.0.weight": torch.randn(8, dim),
+        f"{prefix}head.mlp.0.bias": torch.zeros(8),
+        f"{prefix}head.last_layer.weight_g": torch.ones(16, 1),
+        f"{prefix}head.last_layer.weight_v": torch.randn(16, 8),
+    }
 
 
-def full_checkpoint(student: dict, teacher: dict, *, arch: str, patch: int, dim: int,
-                    teacher_prefix: str = "backbone.") -> dict:
+def full_checkpoint(
+    student: dict, teacher: dict, *, arch: str, patch: int, dim: int, teacher_prefix: str = "backbone."
+) -> dict:
     """What facebookresearch/dino's main_dino.py saves as checkpoint.pth (a small head, same layout)."""
     return {
         "student": {**timm_to_official(student, prefix="module.backbone."), **dino_head_keys(dim, "module.")},
-        "teacher": {**timm_to_official(teacher, prefix=teacher_prefix),
-                    **dino_head_keys(dim, teacher_prefix.replace("backbone.", ""))},
-        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}},
-                      "param_groups": [{"lr": 0.1, "weight_decay": 0.04, "params": [0]}]},
+        "teacher": {
+            **timm_to_official(teacher, prefix=teacher_prefix),
+            **dino_head_keys(dim, teacher_prefix.replace("backbone.", "")),
+        },
+        "optimizer": {
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}},
+            "param_groups": [{"lr": 0.1, "weight_decay": 0.04, "params": [0]}],
+        },
         "epoch": 100,
-        "args": argparse.Namespace(arch=arch, patch_size=patch, out_dim=65536, norm_last_layer=True,
-                                   momentum_teacher=0.996, use_fp16=True, data_path="/path/to/imagenet/train",
-                                   output_dir=".", local_crops_scale=(0.05, 0.4), seed=0),
+        "args": argparse.Namespace(
+            arch=arch,
+            patch_size=patch,
+            out_dim=65536,
+            norm_last_layer=True,
+            momentum_teacher=0.996,
+            use_fp16=True,
+            data_path="/path/to/imagenet/train",
+            output_dir=".",
+            local_crops_scale=(0.05, 0.4),
+            seed=0,
+        ),
         "dino_loss": {"center": torch.zeros(1, 16)},
-        "fp16_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
-                        "_growth_tracker": 10},
+        "fp16_scaler": {
+            "scale": 65536.0,
+            "growth_factor": 2.0,
+            "backoff_factor": 0.5,
+            "growth_interval": 2000,
+            "_growth_tracker": 10,
+        },
     }
 
 
@@ -220,8 +242,7 @@ def test_resnet50_official_layouts(layout):
     if layout == "release":  # dino_resnet50_pretrain.pth
         payload = dict(state)
     else:  # ResNets train with SyncBN, so the official teacher is DDP-wrapped too: module.backbone.*
-        payload = full_checkpoint(state, state, arch="resnet50", patch=16, dim=2048,
-                                  teacher_prefix="module.backbone.")
+        payload = full_checkpoint(state, state, arch="resnet50", patch=16, dim=2048, teacher_prefix="module.backbone.")
     loaded = load_model(payload)
     assert loaded.info.arch == "resnet50" and loaded.backbone.num_features == 2048 and loaded.image_size == 224
     torch.testing.assert_close(features(loaded.backbone, images), features(model, images), rtol=1e-4, atol=1e-4)
@@ -254,12 +275,17 @@ def test_wrong_arch_names_the_mismatch(vit_small):
         load_model(dict(state), which="ema")
 
 
-@pytest.mark.parametrize("width, patch, arch", [(192, 16, "vit_tiny_patch16_224"), (384, 8, "vit_small_patch8_224"),
-                                               (768, 8, "vit_base_patch8_224")])
+@pytest.mark.parametrize(
+    "width, patch, arch",
+    [(192, 16, "vit_tiny_patch16_224"), (384, 8, "vit_small_patch8_224"), (768, 8, "vit_base_patch8_224")],
+)
 def test_guess_arch_from_weights(width, patch, arch):
     n = (224 // patch) ** 2
-    state = {"cls_token": torch.zeros(1, 1, width), "pos_embed": torch.zeros(1, 1 + n, width),
-             "patch_embed.proj.weight": torch.zeros(width, 3, patch, patch)}
+    state = {
+        "cls_token": torch.zeros(1, 1, width),
+        "pos_embed": torch.zeros(1, 1 + n, width),
+        "patch_embed.proj.weight": torch.zeros(width, 3, patch, patch),
+    }
     assert guess_timm_arch(state) == arch
     assert math.isqrt(n) * patch == 224
 

@@ -13,7 +13,6 @@ import fdino.step
 from fdino import presets
 from fdino.loss import dino_loss
 
-
 probe_module = load_bench_module("recipe_probe")
 
 
@@ -35,9 +34,10 @@ def test_contrastive_control_loss_is_nt_xent_on_the_two_global_crops(b, k, n_cro
     gen = torch.Generator().manual_seed(b * k)
     student = torch.randn(n_crops * b, k, generator=gen)
     teacher = torch.randn(2 * b, k, generator=gen)
-    loss, batch_center = probe_module.nt_xent_loss(student, teacher, torch.zeros(k), student_temp=0.1,
-                                                   teacher_temp=0.04, n_global_crops=2)
-    want = nt_xent_by_equation(student[:b], student[b:2 * b], probe_module.CONTRASTIVE_TEMPERATURE)
+    loss, batch_center = probe_module.nt_xent_loss(
+        student, teacher, torch.zeros(k), student_temp=0.1, teacher_temp=0.04, n_global_crops=2
+    )
+    want = nt_xent_by_equation(student[:b], student[b : 2 * b], probe_module.CONTRASTIVE_TEMPERATURE)
     assert loss.item() == pytest.approx(want, rel=1e-5)
     torch.testing.assert_close(batch_center, teacher.mean(dim=0))
 
@@ -52,8 +52,9 @@ def test_objective_swap_is_undone_even_on_error():
 
 @pytest.mark.parametrize("objective", ["dino", "contrastive"])
 def test_probe_runs_the_training_job_and_reads_all_four_numbers(objective, tmp_path):
-    result = probe_module.probe({"seed": 1}, steps=2, name=objective, eval_every=1, eval_samples=200,
-                                run_dir=str(tmp_path / objective))
+    result = probe_module.probe(
+        {"seed": 1}, steps=2, name=objective, eval_every=1, eval_samples=200, run_dir=str(tmp_path / objective)
+    )
     assert result["steps"] == 2 and result["objective"] == objective
     assert [h["step"] for h in result["history"]] == [0, 1, 2]
     for key in ("init", "teacher", "student", "raw_pixels"):

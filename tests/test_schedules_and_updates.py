@@ -6,16 +6,29 @@ import math
 
 import pytest
 import torch
+from helpers import ema_update_reference_
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fdino import DinoConfig, ema_update_, schedules
 from fdino.optim import adamw_frozen_aware_, clip_grads_per_param_
-from helpers import ema_update_reference_
 
-CFG = DinoConfig(epochs=10, steps_per_epoch=100, batch_size=512, lr=5e-4, min_lr=1e-6, warmup_epochs=2.0,
-                 weight_decay=0.04, weight_decay_end=0.4, teacher_momentum=0.996, teacher_momentum_end=1.0,
-                 warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3.0, freeze_last_layer=1.0)
+CFG = DinoConfig(
+    epochs=10,
+    steps_per_epoch=100,
+    batch_size=512,
+    lr=5e-4,
+    min_lr=1e-6,
+    warmup_epochs=2.0,
+    weight_decay=0.04,
+    weight_decay_end=0.4,
+    teacher_momentum=0.996,
+    teacher_momentum_end=1.0,
+    warmup_teacher_temp=0.04,
+    teacher_temp=0.07,
+    warmup_teacher_temp_epochs=3.0,
+    freeze_last_layer=1.0,
+)
 
 
 def value(fn, step):
@@ -55,7 +68,11 @@ def test_teacher_temperature_and_freezing_boundaries():
 def test_schedules_match_closed_forms_everywhere(step):
     peak, total, warm = 5e-4 * 2, 1000, 200
     s = min(step, total)
-    lr = peak * step / warm if step < warm else 1e-6 + (peak - 1e-6) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+    lr = (
+        peak * step / warm
+        if step < warm
+        else 1e-6 + (peak - 1e-6) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+    )
     assert value(schedules.learning_rate, step) == pytest.approx(lr, rel=1e-5, abs=1e-9)
     m = 1 - (1 - 0.996) * (1 + math.cos(math.pi * s / total)) / 2
     assert value(schedules.teacher_momentum, step) == pytest.approx(m, rel=1e-7)

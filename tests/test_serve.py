@@ -31,7 +31,6 @@ import fdino  # noqa: E402
 from fdino.checkpoint import save_checkpoint  # noqa: E402
 from fdino.data import build_dataset  # noqa: E402
 from fdino.eval.render import CAPTION, grid_size  # noqa: E402
-from fdino.weights import ExportInfo, LoadedModel, load_model  # noqa: E402
 from fdino.serve import (  # noqa: E402
     BackgroundServer,
     BatchQueue,
@@ -42,6 +41,7 @@ from fdino.serve import (  # noqa: E402
     scan_folder,
 )
 from fdino.serve.cli import build_service, register  # noqa: E402
+from fdino.weights import ExportInfo, LoadedModel, load_model  # noqa: E402
 
 N_IMAGES = 12
 
@@ -87,8 +87,9 @@ def loaded(run_dir):
 @pytest.fixture(scope="module")
 def service(loaded, images, tmp_path_factory):
     config = ServiceConfig(max_upload_bytes=64 * 1024, max_pixels=512 * 512, max_wait_ms=20.0, max_batch=32)
-    svc = FeatureService(loaded, images, arch=loaded.info.arch, config=config,
-                         cache_dir=tmp_path_factory.mktemp("cache"))
+    svc = FeatureService(
+        loaded, images, arch=loaded.info.arch, config=config, cache_dir=tmp_path_factory.mktemp("cache")
+    )
     svc.refresh()
     yield svc
     svc.close()
@@ -174,17 +175,20 @@ def test_page_is_self_contained(client):
 
 # --- bad input -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("endpoint", ["/embed", "/search", "/attention"])
-@pytest.mark.parametrize("case, status, words", [
-    ("not_image", 415, "not an image"),
-    ("empty", 400, "empty"),
-    ("truncated", 415, "not a decodable image"),
-    ("oversized", 413, "too large"),  # beyond the request-body limit: refused from Content-Length
-    ("oversized_file", 413, "the file has more than"),  # body within the limit's slack, file over 64 KiB
-    ("too_many_pixels", 413, "pixels"),
-    ("bomb_header", 413, "too large to decode"),  # a 67-byte PNG claiming 30000 x 30000 pixels
-    ("wrong_field", 422, "'file'"),
-    ("no_body", 422, "'file'"),
-])
+@pytest.mark.parametrize(
+    "case, status, words",
+    [
+        ("not_image", 415, "not an image"),
+        ("empty", 400, "empty"),
+        ("truncated", 415, "not a decodable image"),
+        ("oversized", 413, "too large"),  # beyond the request-body limit: refused from Content-Length
+        ("oversized_file", 413, "the file has more than"),  # body within the limit's slack, file over 64 KiB
+        ("too_many_pixels", 413, "pixels"),
+        ("bomb_header", 413, "too large to decode"),  # a 67-byte PNG claiming 30000 x 30000 pixels
+        ("wrong_field", 422, "'file'"),
+        ("no_body", 422, "'file'"),
+    ],
+)
 def test_bad_uploads_get_clear_json_errors(client, images, endpoint, case, status, words):
     good = indexed(images)[0].read_bytes()
     big = io.BytesIO()
@@ -207,8 +211,11 @@ def test_bad_uploads_get_clear_json_errors(client, images, endpoint, case, statu
 
 
 def test_declared_oversized_body_is_refused_before_reading(client):
-    r = client.post("/embed", content=b"x" * 10, headers={"content-length": str(10**9),
-                                                          "content-type": "multipart/form-data; boundary=b"})
+    r = client.post(
+        "/embed",
+        content=b"x" * 10,
+        headers={"content-length": str(10**9), "content-type": "multipart/form-data; boundary=b"},
+    )
     assert r.status_code == 413 and "limited to 65536 bytes" in r.json()["error"]
 
 
@@ -251,8 +258,9 @@ class TinyCNN(torch.nn.Module):
 
 
 def test_service_without_folder_or_vit(loaded):
-    cnn = LoadedModel(TinyCNN().eval(), ExportInfo(arch="tiny-cnn", image_size=32, mean=loaded.mean, std=loaded.std),
-                      "timm")
+    cnn = LoadedModel(
+        TinyCNN().eval(), ExportInfo(arch="tiny-cnn", image_size=32, mean=loaded.mean, std=loaded.std), "timm"
+    )
     svc = FeatureService(cnn, None, arch="tiny-cnn")
     try:
         with TestClient(create_app(svc)) as c:
@@ -293,10 +301,12 @@ def test_50_concurrent_searches_all_find_themselves(service, images):
 
     async def main(url: str):
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+
             async def one(i: int):
                 path = paths[i % len(paths)]
                 r = await c.post("/search", files=upload(path), data={"k": "3"})
                 return path, r
+
             return await asyncio.gather(*(one(i) for i in range(50)))
 
     with BackgroundServer(create_app(service)) as url:
@@ -375,8 +385,16 @@ def test_index_cache_reuses_rows_and_refreshes_changed_files(loaded, tmp_path):
 
     def make(key="model-a"):
         counting = CountingBackbone(m.backbone)
-        return FolderIndex(folder, counting, m.image_size, m.mean, m.std, key, cache_path=cache,
-                           model_info={"source": "run", "arch": None, "which": "teacher"}), counting
+        return FolderIndex(
+            folder,
+            counting,
+            m.image_size,
+            m.mean,
+            m.std,
+            key,
+            cache_path=cache,
+            model_info={"source": "run", "arch": None, "which": "teacher"},
+        ), counting
 
     index, counter = make()
     result = index.refresh()
@@ -447,8 +465,22 @@ def test_serve_cli_defaults_and_service(run_dir, images, tmp_path):
     query = indexed(images)[5]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["search", str(svc.index.cache_path), str(query), "--k", "2", "--device", "cpu",
-                     "--out", str(tmp_path / "search.png")]) == 0
+        assert (
+            main(
+                [
+                    "search",
+                    str(svc.index.cache_path),
+                    str(query),
+                    "--k",
+                    "2",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(tmp_path / "search.png"),
+                ]
+            )
+            == 0
+        )
     assert (tmp_path / "search.png").exists()
     pixels = png_pixels(tmp_path / "search.png", size=grid_size(1, 3, 96, captions=True))  # query + 2 matches
     assert tile_count(pixels[2:98]) == 3

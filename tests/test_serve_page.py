@@ -19,8 +19,9 @@ from helpers import enlarged, png_pixels
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-    pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install -y chromium chromium-driver",
-                allow_module_level=True)
+    pytest.skip(
+        f"needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install -y chromium chromium-driver", allow_module_level=True
+    )
 pytest.importorskip("selenium", reason="needs selenium: pip install selenium")
 pytest.importorskip("fastapi", reason="needs the serve extras: pip install 'fdino[serve]'")
 pytest.importorskip("uvicorn", reason="needs the serve extras: pip install 'fdino[serve]'")
@@ -29,17 +30,24 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from test_serve import write_images  # noqa: E402  (tests/ is on sys.path)
 
 import fdino  # noqa: E402
 from fdino.checkpoint import save_checkpoint  # noqa: E402
-from fdino.weights import load_model  # noqa: E402
 from fdino.serve import BackgroundServer, FeatureService, ServiceConfig, create_app  # noqa: E402
+from fdino.weights import load_model  # noqa: E402
 
-from test_serve import write_images  # noqa: E402  (tests/ is on sys.path)
-
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +58,13 @@ def server(tmp_path_factory):
     images = tmp_path_factory.mktemp("images")
     write_images(images, n=8)
     loaded = load_model(run)
-    service = FeatureService(loaded, images, arch=loaded.info.arch, cache_dir=tmp_path_factory.mktemp("cache"),
-                             config=ServiceConfig(max_upload_bytes=256 * 1024))
+    service = FeatureService(
+        loaded,
+        images,
+        arch=loaded.info.arch,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        config=ServiceConfig(max_upload_bytes=256 * 1024),
+    )
     service.refresh()
     with BackgroundServer(create_app(service)) as url:
         yield url, images
@@ -92,11 +105,19 @@ def test_upload_shows_similar_images_and_attention(server, browser):
     assert cards[0].get_attribute("data-path") == query.name
     assert cards[0].find_element(By.CLASS_NAME, "score").text == "#1 1.0000"
     # Result thumbnails and the attention map are real images the browser decoded.
-    wait(browser, lambda d: d.execute_script(
-        "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
-    wait(browser, lambda d: d.execute_script(
-        "const i = document.getElementById('attention-image');"
-        "return !document.getElementById('attention').hidden && i.complete && i.naturalWidth > 0"))
+    wait(
+        browser,
+        lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+        ),
+    )
+    wait(
+        browser,
+        lambda d: d.execute_script(
+            "const i = document.getElementById('attention-image');"
+            "return !document.getElementById('attention').hidden && i.complete && i.naturalWidth > 0"
+        ),
+    )
     assert browser.find_element(By.ID, "error").text == ""
     # The attention image shown is the query (left) under a heat map (right), not a blank picture.
     shown = browser.execute_async_script(READ_ATTENTION_IMAGE)

@@ -26,7 +26,9 @@ def test_teacher_starts_as_an_exact_copy_of_the_student():
     assert all(state.teacher[k].data_ptr() != state.student[k].data_ptr() for k in state.student)
     again = fdino.init_state(CFG, device="cpu")
     assert fdino.tree_allclose(state, again)  # deterministic from the seed
-    assert not torch.equal(fdino.init_state(CFG, seed=1).student["head.mlp.0.weight"], state.student["head.mlp.0.weight"])
+    assert not torch.equal(
+        fdino.init_state(CFG, seed=1).student["head.mlp.0.weight"], state.student["head.mlp.0.weight"]
+    )
 
 
 def test_state_is_donated_and_structure_is_kept():
@@ -46,8 +48,18 @@ def test_state_is_donated_and_structure_is_kept():
 def test_metrics_are_0d_tensors_with_the_documented_names():
     state = fdino.init_state(CFG, device="cpu")
     _, metrics = fdino.train_step_eager(state, batch_for(CFG))
-    expected = {"loss", "lr", "wd", "momentum", "teacher_temp", "grad_norm", "teacher_entropy",
-                "teacher_effective_dims", "kl", "center_norm"}
+    expected = {
+        "loss",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "grad_norm",
+        "teacher_entropy",
+        "teacher_effective_dims",
+        "kl",
+        "center_norm",
+    }
     assert set(metrics) == expected
     for name, value in metrics.items():
         assert isinstance(value, torch.Tensor) and value.ndim == 0 and torch.isfinite(value), name
@@ -110,7 +122,9 @@ def test_bad_batches_get_clear_errors(mutate, error, match):
 def test_config_validation_names_field_value_and_range():
     with pytest.raises(ValueError, match=r"DinoConfig.teacher_temp=-0.1 is invalid: allowed values in \(0.0, 100.0\]"):
         fdino.DinoConfig(teacher_temp=-0.1)
-    with pytest.raises(ValueError, match=r"DinoConfig.grad_accum_steps=3 is invalid: allowed a divisor of batch_size=64"):
+    with pytest.raises(
+        ValueError, match=r"DinoConfig.grad_accum_steps=3 is invalid: allowed a divisor of batch_size=64"
+    ):
         fdino.DinoConfig(batch_size=64, grad_accum_steps=3)
     with pytest.raises(ValueError, match="unknown DinoConfig field"):
         fdino.DinoConfig.from_dict({"nope": 1})

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import pytest
 import torch
+from classic_dino import ClassicDino
 
 import fdino
-from classic_dino import ClassicDino
 from fdino import presets
 
 # Nonzero lr from the first step, the last layer frozen for exactly the first step, and a teacher
 # temperature warm-up, so every scheduled mechanism differs between the three steps.
-VIT = presets.smoke(lr=0.05, warmup_epochs=0.0, freeze_last_layer=0.2, warmup_teacher_temp=0.02,
-                    teacher_temp=0.06, warmup_teacher_temp_epochs=0.4, weight_decay=0.1, clip_grad=0.5)
+VIT = presets.smoke(
+    lr=0.05,
+    warmup_epochs=0.0,
+    freeze_last_layer=0.2,
+    warmup_teacher_temp=0.02,
+    teacher_temp=0.06,
+    warmup_teacher_temp_epochs=0.4,
+    weight_decay=0.1,
+    clip_grad=0.5,
+)
 # A BatchNorm ResNet with the paper's ResNet head options. Some of its gradient entries are
 # rounding noise (~1e-8: a bias before BatchNorm, dead channels), and Adam's first step moves any
 # entry with |g| >> eps by about lr * sign(g), so fp32 noise would become lr-sized differences
 # between two correct implementations. A larger eps keeps noise-level entries from moving.
 RESNET = VIT.replace(
-    arch="resnet18", patch_size=None, head_use_bn=True, norm_last_layer=False, adam_eps=1e-3,
+    arch="resnet18",
+    patch_size=None,
+    head_use_bn=True,
+    norm_last_layer=False,
+    adam_eps=1e-3,
     backbone_kwargs=(("layers", (1, 1, 1, 1)), ("channels", (8, 8, 16, 16)), ("stem_width", 8)),
 )
 

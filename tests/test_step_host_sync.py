@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 import torch._dynamo
 from helpers import requires_cuda
@@ -26,8 +25,16 @@ from fdino.step import _full_step, networks
 
 # ATen ops that read device values on the host, or size their output from device data.
 HOST_READS = {
-    "aten._local_scalar_dense", "aten.item", "aten.equal", "aten.is_nonzero", "aten.nonzero",
-    "aten.nonzero_static", "aten.masked_select", "aten.unique", "aten._unique2", "aten.repeat_interleave",
+    "aten._local_scalar_dense",
+    "aten.item",
+    "aten.equal",
+    "aten.is_nonzero",
+    "aten.nonzero",
+    "aten.nonzero_static",
+    "aten.masked_select",
+    "aten.unique",
+    "aten._unique2",
+    "aten.repeat_interleave",
 }
 
 

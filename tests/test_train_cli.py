@@ -23,8 +23,18 @@ from fdino.checkpoint import list_checkpoints, load_checkpoint
 from fdino.eval.render import cell_scale, grid_size
 
 # Fast, eager, deterministic, no eval noise: what the process-level tests share.
-COMMON = ["--preset", "smoke", "--workers", "0", "--no-progress", "--no-tensorboard", "--eval-samples", "40",
-          "--attention-images", "1"]
+COMMON = [
+    "--preset",
+    "smoke",
+    "--workers",
+    "0",
+    "--no-progress",
+    "--no-tensorboard",
+    "--eval-samples",
+    "40",
+    "--attention-images",
+    "1",
+]
 
 
 def make_folder(root: Path, per_class: int = 12, classes: int = 2, size: int = 20) -> Path:
@@ -46,8 +56,26 @@ def fdino_cmd(*args: str) -> list[str]:
 def test_cli_train_compiled_end_to_end(tmp_path):
     data = make_folder(tmp_path / "images")
     run_dir = tmp_path / "run"
-    code = cli.main(["train", *COMMON, "--data", str(data), "--run-dir", str(run_dir), "--max-steps", "8",
-                     "--ckpt-every", "4", "--log-every", "2", "--lr", "0.01", "--eval-every", "3"])
+    code = cli.main(
+        [
+            "train",
+            *COMMON,
+            "--data",
+            str(data),
+            "--run-dir",
+            str(run_dir),
+            "--max-steps",
+            "8",
+            "--ckpt-every",
+            "4",
+            "--log-every",
+            "2",
+            "--lr",
+            "0.01",
+            "--eval-every",
+            "3",
+        ]
+    )
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["skipped_files"] == 0
@@ -79,15 +107,32 @@ def test_cli_train_compiled_end_to_end(tmp_path):
 def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     data = make_folder(tmp_path / "images")
     # 200 steps of 6 per epoch; a checkpoint every 4 steps, all kept, so the kill lands mid-run.
-    args = ["--data", str(data), "--max-steps", "200", "--ckpt-every", "4", "--keep-checkpoints", "100",
-            "--epochs", "40", "--no-compile", "--deterministic", "--lr", "0.01", "--drop-path-rate", "0.2"]
+    args = [
+        "--data",
+        str(data),
+        "--max-steps",
+        "200",
+        "--ckpt-every",
+        "4",
+        "--keep-checkpoints",
+        "100",
+        "--epochs",
+        "40",
+        "--no-compile",
+        "--deterministic",
+        "--lr",
+        "0.01",
+        "--drop-path-rate",
+        "0.2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
     subprocess.run(fdino_cmd(*args, "--run-dir", str(whole)), check=True, env=env, capture_output=True, timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(fdino_cmd(*args, "--run-dir", str(killed)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        fdino_cmd(*args, "--run-dir", str(killed)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not any(int(p.stem.split("-")[1]) >= 16 for p in list_checkpoints(killed)):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
@@ -98,8 +143,13 @@ def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     newest = int(list_checkpoints(killed)[-1].stem.split("-")[1])
     assert 16 <= newest < 200 and newest % 6, "the kill must interrupt the run mid-way and mid-epoch"
 
-    subprocess.run([sys.executable, "-m", "fdino", "train", "--resume", str(killed), "--no-progress"],
-                   check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "fdino", "train", "--resume", str(killed), "--no-progress"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
     a, loop_a = load_checkpoint(whole)
     b, loop_b = load_checkpoint(killed)
     assert int(a.step) == int(b.step) == 200 and loop_a["epoch"] == loop_b["epoch"] == 33
@@ -119,8 +169,23 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(MultiCropLoader, "epoch", poisoned)
     run_dir = tmp_path / "run"
-    code = cli.main(["train", *COMMON, "--data", str(make_folder(tmp_path / "images")), "--run-dir", str(run_dir),
-                     "--max-steps", "12", "--ckpt-every", "2", "--log-every", "3", "--no-compile"])
+    code = cli.main(
+        [
+            "train",
+            *COMMON,
+            "--data",
+            str(make_folder(tmp_path / "images")),
+            "--run-dir",
+            str(run_dir),
+            "--max-steps",
+            "12",
+            "--ckpt-every",
+            "2",
+            "--log-every",
+            "3",
+            "--no-compile",
+        ]
+    )
     assert code == 3
     err = capsys.readouterr().err
     assert "non-finite loss" in err and "ckpt-00000004.pt" in err and "lower --lr" in err
@@ -151,18 +216,30 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert str(tmp_path / "nope") in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag,value,expected", [("--out-dim", "128", 128), ("--global-crop-scale", "0.3,1", (0.3, 1.0)),
-                                                 ("--backbone-kwargs", "depth=3,embed_dim=48", (("depth", 3), ("embed_dim", 48))),
-                                                 ("--norm-last-layer", "false", False)])
+@pytest.mark.parametrize(
+    "flag,value,expected",
+    [
+        ("--out-dim", "128", 128),
+        ("--global-crop-scale", "0.3,1", (0.3, 1.0)),
+        ("--backbone-kwargs", "depth=3,embed_dim=48", (("depth", 3), ("embed_dim", 48))),
+        ("--norm-last-layer", "false", False),
+    ],
+)
 def test_config_flags_parse_to_dinoconfig_types(flag, value, expected):
     args = cli.build_parser().parse_args(["train", flag, value])
     name = flag[2:].replace("-", "_")
     assert getattr(args, f"cfg_{name}") == expected
 
 
-@pytest.mark.parametrize("flag,value,field", [("--log-every", "0", "log_every"), ("--eval-every", "-1", "eval_every"),
-                                              ("--keep-checkpoints", "0", "keep_checkpoints"),
-                                              ("--max-minutes", "-2", "max_minutes")])
+@pytest.mark.parametrize(
+    "flag,value,field",
+    [
+        ("--log-every", "0", "log_every"),
+        ("--eval-every", "-1", "eval_every"),
+        ("--keep-checkpoints", "0", "keep_checkpoints"),
+        ("--max-minutes", "-2", "max_minutes"),
+    ],
+)
 def test_bad_run_options_fail_before_any_work_naming_the_option(tmp_path, capsys, flag, value, field):
     run_dir = tmp_path / "r"
     code = cli.main(["train", *COMMON, "--data", "shapes10", "--run-dir", str(run_dir), flag, value])

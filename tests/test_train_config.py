@@ -38,9 +38,14 @@ tensorboard = false
 max_minutes = 5
 """
 
-EXPECTED_CFG = presets.smoke(out_dim=32, global_crop_scale=(0.3, 1.0), lr=0.01, norm_last_layer=False,
-                             backbone_kwargs=(("embed_dim", 32), ("depth", 1), ("num_heads", 2)),
-                             augment=(("hue", 0.5), ("blur_sigma", (0.2, 0.4))))
+EXPECTED_CFG = presets.smoke(
+    out_dim=32,
+    global_crop_scale=(0.3, 1.0),
+    lr=0.01,
+    norm_last_layer=False,
+    backbone_kwargs=(("embed_dim", 32), ("depth", 1), ("num_heads", 2)),
+    augment=(("hue", 0.5), ("blur_sigma", (0.2, 0.4))),
+)
 
 
 def write_toml(tmp_path: Path, text: str = TOML) -> tuple[Path, Path]:
@@ -51,8 +56,19 @@ def write_toml(tmp_path: Path, text: str = TOML) -> tuple[Path, Path]:
 
 
 def expected_opts(run_dir: Path) -> TrainOptions:
-    return TrainOptions(data="shapes10", run_dir=str(run_dir), compile=False, workers=0, max_steps=3, log_every=1,
-                        eval_samples=40, attention_images=0, progress=False, tensorboard=False, max_minutes=5.0)
+    return TrainOptions(
+        data="shapes10",
+        run_dir=str(run_dir),
+        compile=False,
+        workers=0,
+        max_steps=3,
+        log_every=1,
+        eval_samples=40,
+        attention_images=0,
+        progress=False,
+        tensorboard=False,
+        max_minutes=5.0,
+    )
 
 
 def test_toml_and_run_json_give_the_same_config_and_options(tmp_path):
@@ -66,22 +82,42 @@ def test_toml_and_run_json_give_the_same_config_and_options(tmp_path):
 
 def test_flags_override_the_file(tmp_path):
     toml_path, run_dir = write_toml(tmp_path)
-    cfg, opts = cli.train_settings(["--config", str(toml_path), "--out-dim", "48", "--lr", "0.02", "--compile",
-                                    "--max-steps", "7", "--run-dir", str(tmp_path / "other")])
+    cfg, opts = cli.train_settings(
+        [
+            "--config",
+            str(toml_path),
+            "--out-dim",
+            "48",
+            "--lr",
+            "0.02",
+            "--compile",
+            "--max-steps",
+            "7",
+            "--run-dir",
+            str(tmp_path / "other"),
+        ]
+    )
     assert cfg == EXPECTED_CFG.replace(out_dim=48, lr=0.02)
     other = str(tmp_path / "other")
     assert opts == dataclasses.replace(expected_opts(run_dir), compile=True, max_steps=7, run_dir=other)
     # --preset replaces the file's preset; the file's [config] still applies on top of it.
     cfg, _ = cli.train_settings(["--config", str(toml_path), "--preset", "small32"])
-    assert cfg == presets.small32(**{k: getattr(EXPECTED_CFG, k) for k in (
-        "out_dim", "global_crop_scale", "backbone_kwargs", "augment", "norm_last_layer", "lr")})
+    assert cfg == presets.small32(
+        **{
+            k: getattr(EXPECTED_CFG, k)
+            for k in ("out_dim", "global_crop_scale", "backbone_kwargs", "augment", "norm_last_layer", "lr")
+        }
+    )
 
 
-@pytest.mark.parametrize("text,names", [
-    ("[config]\nout_dims = 3\n", ["'out_dims'", "[config]", "out_dim"]),
-    ("[options]\nmax_step = 3\n", ["'max_step'", "[options]", "max_steps"]),
-    ("presets = 'smoke'\n", ["'presets'", "allowed: ['preset', 'config', 'options']"]),
-])
+@pytest.mark.parametrize(
+    "text,names",
+    [
+        ("[config]\nout_dims = 3\n", ["'out_dims'", "[config]", "out_dim"]),
+        ("[options]\nmax_step = 3\n", ["'max_step'", "[options]", "max_steps"]),
+        ("presets = 'smoke'\n", ["'presets'", "allowed: ['preset', 'config', 'options']"]),
+    ],
+)
 def test_an_unknown_key_is_an_error_naming_it_and_the_allowed_ones(tmp_path, capsys, text, names):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -92,12 +128,15 @@ def test_an_unknown_key_is_an_error_naming_it_and_the_allowed_ones(tmp_path, cap
     assert "unknown key" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("text,message", [
-    ("[options]\ncompile = 'no'\n", "compile = 'no' is not a bool"),
-    ("[options]\nworkers = true\n", "workers = True is not a int"),
-    ("[config]\nout_dim = 3.5\n", "out_dim = 3.5 is not a int"),
-    ("preset = 'nope'\n", "unknown preset 'nope'"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[options]\ncompile = 'no'\n", "compile = 'no' is not a bool"),
+        ("[options]\nworkers = true\n", "workers = True is not a int"),
+        ("[config]\nout_dim = 3.5\n", "out_dim = 3.5 is not a int"),
+        ("preset = 'nope'\n", "unknown preset 'nope'"),
+    ],
+)
 def test_a_value_of_the_wrong_type_is_an_error_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"
     path.write_text(text)
@@ -118,10 +157,28 @@ def test_every_train_option_is_a_flag_with_its_docstring_and_old_spellings_work(
     for f in dataclasses.fields(TrainOptions):
         assert f"--{f.name.replace('_', '-')}" in help_text
         assert " ".join(field_doc(f.name, TrainOptions).split()) in help_text, f.name
-    _, opts = cli.train_settings(["--no-compile", "--no-tensorboard", "--no-progress", "--deterministic",
-                                  "--download", "--workers", "1", "--max-minutes", "2.5", "--device", "cpu"])
+    _, opts = cli.train_settings(
+        [
+            "--no-compile",
+            "--no-tensorboard",
+            "--no-progress",
+            "--deterministic",
+            "--download",
+            "--workers",
+            "1",
+            "--max-minutes",
+            "2.5",
+            "--device",
+            "cpu",
+        ]
+    )
     assert (opts.compile, opts.tensorboard, opts.progress, opts.deterministic, opts.download) == (
-        False, False, False, True, True)
+        False,
+        False,
+        False,
+        True,
+        True,
+    )
     assert (opts.workers, opts.max_minutes, opts.device) == (1, 2.5, "cpu")
     assert cli.train_settings([])[1] == TrainOptions(run_dir="runs/shapes10-small32_resnet")
     with pytest.raises(SystemExit):

@@ -27,16 +27,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_vit(**kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
-                             **{**TINY, **kwargs}).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, **{**TINY, **kwargs}
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A smoke-preset checkpoint whose student differs from its teacher."""
     state = fdino.init_state(fdino.presets.smoke())
-    student = {k: v + 1.0 if k.startswith("backbone.") and v.is_floating_point() else v
-               for k, v in state.student.items()}
+    student = {
+        k: v + 1.0 if k.startswith("backbone.") and v.is_floating_point() else v for k, v in state.student.items()
+    }
     path = tmp_path_factory.mktemp("run")
     save_checkpoint(path, state.replace(student=student))
     return path, state
@@ -97,8 +99,10 @@ def test_plain_weights_load_with_arch_and_inferred_geometry(tmp_path, layout):
     else:
         source = tmp_path / "w.pth"
         if layout == "dino-teacher":  # the official DINO checkpoint layout, head included
-            sd = {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "head.mlp.0.weight": torch.ones(2, 32)},
-                  "epoch": 3}
+            sd = {
+                "teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, "head.mlp.0.weight": torch.ones(2, 32)},
+                "epoch": 3,
+            }
         elif layout == "module-prefix":
             sd = {"state_dict": {f"module.{k}": v for k, v in sd.items()}}
         torch.save(sd, source)
@@ -147,8 +151,17 @@ def test_loading_errors_say_what_to_do(tmp_path, run_dir):
 
 
 # --- every command: the same sources, the same flags ------------------------------------------------------------
-MODEL_COMMANDS = (["eval", "knn"], ["eval", "linear"], ["attention"], ["embed"], ["viz"], ["search"], ["export"],
-                  ["quantize"], ["serve"])
+MODEL_COMMANDS = (
+    ["eval", "knn"],
+    ["eval", "linear"],
+    ["attention"],
+    ["embed"],
+    ["viz"],
+    ["search"],
+    ["export"],
+    ["quantize"],
+    ["serve"],
+)
 
 
 def _help(argv: list[str]) -> str:
@@ -170,19 +183,34 @@ def test_every_command_lists_the_same_model_sources_and_flags(argv):
 
 def test_eval_reads_an_fdino_export_without_arch(run_dir, tmp_path, capsys):
     """`fdino eval` once refused an fdino .safetensors export without --arch while export and serve took it."""
-    from fdino.cli import main
-
     from PIL import Image
+
+    from fdino.cli import main
 
     for split in ("train", "val"):
         for c, colour in (("red", (200, 40, 40)), ("blue", (40, 40, 200))):
             (tmp_path / "data" / split / c).mkdir(parents=True)
             for i in range(3):
-                Image.new("RGB", (16, 16), tuple(v + 10 * i for v in colour)).save(tmp_path / "data" / split / c / f"{i}.png")
+                Image.new("RGB", (16, 16), tuple(v + 10 * i for v in colour)).save(
+                    tmp_path / "data" / split / c / f"{i}.png"
+                )
     loaded = load_model(run_dir[0])
     export_safetensors(loaded.backbone, tmp_path / "b.safetensors", loaded.info)
-    code = main(["eval", "knn", str(tmp_path / "b.safetensors"), "--data", str(tmp_path / "data"), "--k", "1",
-                 "--device", "cpu", "--json", str(tmp_path / "knn.json")])
+    code = main(
+        [
+            "eval",
+            "knn",
+            str(tmp_path / "b.safetensors"),
+            "--data",
+            str(tmp_path / "data"),
+            "--k",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            str(tmp_path / "knn.json"),
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     assert (tmp_path / "knn.json").is_file()

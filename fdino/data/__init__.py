@@ -51,8 +51,9 @@ from .shapes import make_shapes10, shapes10
 from .sources import DATASET_NAMES, ROLES, DataSource, build_dataset, default_root, resolve_split
 
 
-def multicrop_loader(cfg: Any, dataset: Dataset, *, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                     **kwargs: Any) -> MultiCropLoader:
+def multicrop_loader(
+    cfg: Any, dataset: Dataset, *, num_workers: int = 0, rank: int = 0, world_size: int = 1, **kwargs: Any
+) -> MultiCropLoader:
     """A `MultiCropLoader` set up from a `DinoConfig`: its crops, its seed, and its batch size.
 
     Each batch holds ``cfg.batch_size // world_size`` images: one optimizer step's worth per rank
@@ -62,20 +63,59 @@ def multicrop_loader(cfg: Any, dataset: Dataset, *, num_workers: int = 0, rank: 
     if cfg.batch_size % world_size:
         raise ValueError(f"DinoConfig.batch_size={cfg.batch_size} is not divisible by world_size={world_size}")
     transform = MultiCrop(MultiCropConfig.from_dino_config(cfg))
-    return MultiCropLoader(dataset, transform, batch_size=cfg.batch_size // world_size, seed=cfg.seed,
-                           num_workers=num_workers, rank=rank, world_size=world_size, **kwargs)
+    return MultiCropLoader(
+        dataset,
+        transform,
+        batch_size=cfg.batch_size // world_size,
+        seed=cfg.seed,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        **kwargs,
+    )
 
 
 __all__ = [
     # augmentation
-    "MultiCropConfig", "small_image_multicrop", "MultiCrop", "EvalTransform", "ViewParams", "sample_views",
-    "render_view", "blur_kernel_size", "IMAGENET_MEAN", "IMAGENET_STD",
+    "MultiCropConfig",
+    "small_image_multicrop",
+    "MultiCrop",
+    "EvalTransform",
+    "ViewParams",
+    "sample_views",
+    "render_view",
+    "blur_kernel_size",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     # sources
-    "build_dataset", "DataSource", "DATASET_NAMES", "ROLES", "resolve_split", "default_root", "ArrayDataset",
-    "ImageFolder", "scan_image_folder", "shapes10", "make_shapes10", "SHAPES10_CLASSES", "parse_idx", "read_idx",
-    "idx_dataset", "FASHION_MNIST_CLASSES", "DEBIAN_FASHION_MNIST_DIR", "IMAGE_EXTENSIONS", "BadImageError",
-    "load_rgb", "to_rgb",
+    "build_dataset",
+    "DataSource",
+    "DATASET_NAMES",
+    "ROLES",
+    "resolve_split",
+    "default_root",
+    "ArrayDataset",
+    "ImageFolder",
+    "scan_image_folder",
+    "shapes10",
+    "make_shapes10",
+    "SHAPES10_CLASSES",
+    "parse_idx",
+    "read_idx",
+    "idx_dataset",
+    "FASHION_MNIST_CLASSES",
+    "DEBIAN_FASHION_MNIST_DIR",
+    "IMAGE_EXTENSIONS",
+    "BadImageError",
+    "load_rgb",
+    "to_rgb",
     # loading
-    "MultiCropLoader", "multicrop_loader", "EvalLoader", "ResumableBatchSampler", "MultiCropDataset",
-"epoch_batches", "batches_per_epoch", "derive_seed",
+    "MultiCropLoader",
+    "multicrop_loader",
+    "EvalLoader",
+    "ResumableBatchSampler",
+    "MultiCropDataset",
+    "epoch_batches",
+    "batches_per_epoch",
+    "derive_seed",
 ]

@@ -22,8 +22,12 @@ class ArrayDataset(Dataset):
     unlabeled samples. ``classes`` names label ``k`` as ``classes[k]``.
     """
 
-    def __init__(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | Sequence[int],
-                 classes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        images: torch.Tensor | np.ndarray,
+        labels: torch.Tensor | np.ndarray | Sequence[int],
+        classes: Sequence[str] = (),
+    ) -> None:
         images = torch.as_tensor(images)
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
         if images.dtype != torch.uint8:

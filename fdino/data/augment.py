@@ -32,13 +32,16 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..checks import check_int, fail, is_number
 from ..config import MAX_GLOBAL_CROPS, MAX_LOCAL_CROPS
-from .images import to_rgb
 from .batch_augment import blur_kernel_size, render_batch
+from .images import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
-                   "nearest": InterpolationMode.NEAREST}
+_INTERPOLATIONS = {
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+    "nearest": InterpolationMode.NEAREST,
+}
 _SMALL_IMAGE_MAX = 64  # global crops at most this big get the small-image blur (see small_image_multicrop)
 
 
@@ -103,37 +106,43 @@ class MultiCropConfig:
         """V: all crops per image, global first."""
         return self.n_global_crops + self.n_local_crops
 
-    def replace(self, **changes: Any) -> "MultiCropConfig":
+    def replace(self, **changes: Any) -> MultiCropConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dino_config(cls, cfg: Any, **overrides: Any) -> "MultiCropConfig":
+    def from_dino_config(cls, cfg: Any, **overrides: Any) -> MultiCropConfig:
         """Crop counts, sizes and scales from a `DinoConfig`, then its ``augment`` overrides; the
         rest is the paper's recipe.
 
         Global crops of at most 64 px get `small_image_multicrop`'s blur (see there).
         """
         fields = dict(
-            n_global_crops=cfg.n_global_crops, n_local_crops=cfg.n_local_crops,
-            global_crop_size=cfg.global_crop_size, local_crop_size=cfg.local_crop_size,
-            global_crop_scale=tuple(cfg.global_crop_scale), local_crop_scale=tuple(cfg.local_crop_scale),
+            n_global_crops=cfg.n_global_crops,
+            n_local_crops=cfg.n_local_crops,
+            global_crop_size=cfg.global_crop_size,
+            local_crop_size=cfg.local_crop_size,
+            global_crop_scale=tuple(cfg.global_crop_scale),
+            local_crop_scale=tuple(cfg.local_crop_scale),
         )
         if cfg.global_crop_size <= _SMALL_IMAGE_MAX:
             fields.update(_SMALL_IMAGE_BLUR)
         known = {f.name for f in dataclasses.fields(cls)}
         for name, value in getattr(cfg, "augment", ()):
             if name not in known or name in _FROM_CROP_FIELDS:
-                raise ValueError(f"DinoConfig.augment has {name!r}, which is not an augmentation setting; allowed: "
-                                 f"{sorted(known - _FROM_CROP_FIELDS)}")
+                raise ValueError(
+                    f"DinoConfig.augment has {name!r}, which is not an augmentation setting; allowed: "
+                    f"{sorted(known - _FROM_CROP_FIELDS)}"
+                )
             fields[name] = tuple(value) if isinstance(value, list) else value
         fields.update(overrides)
         return cls(**fields)
 
 
 # Set from DinoConfig's own crop fields, so not overridable through DinoConfig.augment.
-_FROM_CROP_FIELDS = frozenset({"n_global_crops", "n_local_crops", "global_crop_size", "local_crop_size",
-                               "global_crop_scale", "local_crop_scale"})
+_FROM_CROP_FIELDS = frozenset(
+    {"n_global_crops", "n_local_crops", "global_crop_size", "local_crop_size", "global_crop_scale", "local_crop_scale"}
+)
 
 # Sigma 2 px is ~1% of a 224 px crop but 6% of a 32 px one (it erases a CIFAR object); halve the
 # range for small images. The kernel rule already gives 3x3 kernels at 16-32 px.
@@ -156,8 +165,13 @@ def _is_number(v: Any) -> bool:
 
 
 def _validate(c: MultiCropConfig) -> None:
-    for name, lo, hi in (("n_global_crops", 1, MAX_GLOBAL_CROPS), ("n_local_crops", 0, MAX_LOCAL_CROPS),
-                         ("global_crop_size", 1, 4096), ("local_crop_size", 1, 4096), ("solarize_threshold", 0, 256)):
+    for name, lo, hi in (
+        ("n_global_crops", 1, MAX_GLOBAL_CROPS),
+        ("n_local_crops", 0, MAX_LOCAL_CROPS),
+        ("global_crop_size", 1, 4096),
+        ("local_crop_size", 1, 4096),
+        ("solarize_threshold", 0, 256),
+    ):
         check_int(f"MultiCropConfig.{name}", getattr(c, name), lo, hi)
     if c.n_crops < 2:
         _fail("n_local_crops", c.n_local_crops, "at least 1 when n_global_crops is 1 (DINO needs pairs)")
@@ -211,8 +225,9 @@ class ViewParams(NamedTuple):
     solarize: bool
 
 
-def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], rng: random.Random,
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    height: int, width: int, scale: tuple[float, float], rng: random.Random, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop.get_params with an explicit RNG: ``(top, left, h, w)``.
 
     The one copy of the box draw: the multi-crop views and the linear probe's training views use it.
@@ -237,17 +252,30 @@ def random_resized_crop_box(height: int, width: int, scale: tuple[float, float],
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _sample_view(rng: random.Random, c: MultiCropConfig, height: int, width: int, *, size: int, scale,
-                 blur_p: float, solarize_p: float) -> ViewParams:
+def _sample_view(
+    rng: random.Random,
+    c: MultiCropConfig,
+    height: int,
+    width: int,
+    *,
+    size: int,
+    scale,
+    blur_p: float,
+    solarize_p: float,
+) -> ViewParams:
     top, left, h, w = random_resized_crop_box(height, width, scale, rng, c.crop_ratio)
     flip = rng.random() < c.flip_p
     jitter = None
     if rng.random() < c.jitter_p:
         order = [0, 1, 2, 3]
         rng.shuffle(order)
-        jitter = (tuple(order), rng.uniform(max(0.0, 1 - c.brightness), 1 + c.brightness),
-                  rng.uniform(max(0.0, 1 - c.contrast), 1 + c.contrast),
-                  rng.uniform(max(0.0, 1 - c.saturation), 1 + c.saturation), rng.uniform(-c.hue, c.hue))
+        jitter = (
+            tuple(order),
+            rng.uniform(max(0.0, 1 - c.brightness), 1 + c.brightness),
+            rng.uniform(max(0.0, 1 - c.contrast), 1 + c.contrast),
+            rng.uniform(max(0.0, 1 - c.saturation), 1 + c.saturation),
+            rng.uniform(-c.hue, c.hue),
+        )
     grayscale = rng.random() < c.grayscale_p
     sigma = rng.uniform(*c.blur_sigma) if rng.random() < blur_p else None
     solarize = rng.random() < solarize_p
@@ -258,13 +286,31 @@ def sample_views(c: MultiCropConfig, height: int, width: int, rng: random.Random
     """The parameters of all V crops of one ``height x width`` image, globals first."""
     views = []
     for k in range(c.n_global_crops):
-        views.append(_sample_view(
-            rng, c, height, width, size=c.global_crop_size, scale=c.global_crop_scale,
-            blur_p=c.global_blur_p[min(k, len(c.global_blur_p) - 1)],
-            solarize_p=c.global_solarize_p[min(k, len(c.global_solarize_p) - 1)]))
+        views.append(
+            _sample_view(
+                rng,
+                c,
+                height,
+                width,
+                size=c.global_crop_size,
+                scale=c.global_crop_scale,
+                blur_p=c.global_blur_p[min(k, len(c.global_blur_p) - 1)],
+                solarize_p=c.global_solarize_p[min(k, len(c.global_solarize_p) - 1)],
+            )
+        )
     for _ in range(c.n_local_crops):
-        views.append(_sample_view(rng, c, height, width, size=c.local_crop_size, scale=c.local_crop_scale,
-                                  blur_p=c.local_blur_p, solarize_p=c.local_solarize_p))
+        views.append(
+            _sample_view(
+                rng,
+                c,
+                height,
+                width,
+                size=c.local_crop_size,
+                scale=c.local_crop_scale,
+                blur_p=c.local_blur_p,
+                solarize_p=c.local_solarize_p,
+            )
+        )
     return views
 
 
@@ -274,8 +320,9 @@ def as_uint8_chw(image: Image.Image | torch.Tensor) -> torch.Tensor:
     if isinstance(image, Image.Image):
         return TF.pil_to_tensor(to_rgb(image))
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
-        raise TypeError(f"expected a PIL image or a uint8 tensor, got {type(image).__name__} "
-                        f"{getattr(image, 'dtype', '')}")
+        raise TypeError(
+            f"expected a PIL image or a uint8 tensor, got {type(image).__name__} {getattr(image, 'dtype', '')}"
+        )
     if image.ndim == 2:
         image = image[None]
     if image.ndim != 3 or image.shape[0] not in (1, 3):
@@ -288,8 +335,16 @@ _JITTER_OPS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, T
 
 def render_view(image: torch.Tensor, v: ViewParams, c: MultiCropConfig) -> torch.Tensor:
     """Apply one view's parameters: uint8 ``[3, H, W]`` -> normalized float32 ``[3, size, size]``."""
-    crop = TF.resized_crop(image, v.top, v.left, v.height, v.width, [v.size, v.size],
-                           interpolation=_INTERPOLATIONS[c.interpolation], antialias=True)
+    crop = TF.resized_crop(
+        image,
+        v.top,
+        v.left,
+        v.height,
+        v.width,
+        [v.size, v.size],
+        interpolation=_INTERPOLATIONS[c.interpolation],
+        antialias=True,
+    )
     if v.flip:
         crop = TF.horizontal_flip(crop)
     x = crop.float().div_(255.0)  # float from here on: one rounding instead of one per op
@@ -349,8 +404,15 @@ class EvalTransform:
     and to ``size * 256 / 224`` otherwise (the usual ImageNet evaluation view).
     """
 
-    def __init__(self, size: int, *, resize_size: int | None = None, interpolation: str = "bicubic",
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+    def __init__(
+        self,
+        size: int,
+        *,
+        resize_size: int | None = None,
+        interpolation: str = "bicubic",
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
         check_int("EvalTransform size", size, lo=1)
         if resize_size is None:
             resize_size = size if size <= _SMALL_IMAGE_MAX else int(round(size * 256 / 224))
@@ -368,6 +430,15 @@ class EvalTransform:
 
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MultiCropConfig", "small_image_multicrop", "ViewParams",
-    "blur_kernel_size", "sample_views", "render_view", "as_uint8_chw", "MultiCrop", "EvalTransform",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MultiCropConfig",
+    "small_image_multicrop",
+    "ViewParams",
+    "blur_kernel_size",
+    "sample_views",
+    "render_view",
+    "as_uint8_chw",
+    "MultiCrop",
+    "EvalTransform",
 ]

@@ -84,7 +84,7 @@ def _matrix(in_len: int, start: int, length: int, out_len: int, interpolation: s
         return m.astype(np.float32)
     stretch = max(scale, 1.0)  # antialias: widen the filter by the shrink factor
     w = _filter((src[None, :] - centers[:, None]) / stretch, interpolation)
-    m[:, start:start + length] = w / w.sum(axis=1, keepdims=True)
+    m[:, start : start + length] = w / w.sum(axis=1, keepdims=True)
     m = m.astype(np.float32)
     m.flags.writeable = False  # shared through the cache
     return m
@@ -176,14 +176,18 @@ def _resize_crops(images: Sequence[torch.Tensor], views, size: int, interpolatio
             continue
         wy = torch.from_numpy(resample_matrix(v.height, 0, v.height, size, interpolation) / 255.0)
         wx = torch.from_numpy(resample_matrix(v.width, 0, v.width, size, interpolation).copy())
-        crop = im[:, v.top:v.top + v.height, v.left:v.left + v.width].float()
+        crop = im[:, v.top : v.top + v.height, v.left : v.left + v.width].float()
         res = torch.matmul(torch.matmul(wy, crop), wx.T)
         out[b] = (res.flip(-1) if v.flip else res).clamp_(0, 1)
     for (hgt, wid), idx in by_shape.items():
         wy = np.stack([resample_matrix(hgt, views[b].top, views[b].height, size, interpolation) for b in idx])
         # a horizontal flip is the same map with the output columns reversed
-        wx = np.stack([resample_matrix(wid, views[b].left, views[b].width, size, interpolation)
-                       [::-1 if views[b].flip else 1] for b in idx])
+        wx = np.stack(
+            [
+                resample_matrix(wid, views[b].left, views[b].width, size, interpolation)[:: -1 if views[b].flip else 1]
+                for b in idx
+            ]
+        )
         src = torch.stack([images[b] for b in idx]).float()  # [n, 3, H, W], 0..255
         wy_t, wx_t = torch.from_numpy(wy) / 255.0, torch.from_numpy(wx)
         res = torch.matmul(torch.matmul(wy_t[:, None], src), wx_t.transpose(1, 2)[:, None])

@@ -32,8 +32,9 @@ def _images_under(directory: str) -> list[str]:
     return found
 
 
-def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None
-                      ) -> tuple[list[str], list[int], tuple[str, ...]]:
+def scan_image_folder(
+    root: str | os.PathLike, classes: Sequence[str] | None = None
+) -> tuple[list[str], list[int], tuple[str, ...]]:
     """``(paths, labels, class_names)`` of the images under ``root``.
 
     ``classes`` fixes the class list (e.g. a validation split must use the train split's
@@ -58,8 +59,10 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
         names = tuple(classes) if classes is not None else tuple(subdirs)
         unknown = sorted(d for d in subdirs if per_dir[d] and d not in names)
         if unknown:
-            raise ValueError(f"image folder {root!r} has class folders {unknown} that are not in the "
-                             f"class list {list(names)} (of the training split)")
+            raise ValueError(
+                f"image folder {root!r} has class folders {unknown} that are not in the "
+                f"class list {list(names)} (of the training split)"
+            )
         empty = [d for d in names if not per_dir.get(d)]
         if empty and classes is None:
             warnings.warn(f"image folder {root!r}: class folders without images: {empty}", stacklevel=2)
@@ -67,8 +70,9 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
             paths.extend(per_dir.get(name, ()))
             labels.extend([k] * len(per_dir.get(name, ())))
     if not paths:
-        raise FileNotFoundError(f"image folder {root!r} contains no images (looked recursively for "
-                                f"{', '.join(IMAGE_EXTENSIONS)})")
+        raise FileNotFoundError(
+            f"image folder {root!r} contains no images (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
     return paths, labels, names
 
 

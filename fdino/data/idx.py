@@ -15,10 +15,26 @@ import numpy as np
 
 from .arrays import ArrayDataset
 
-_IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                         "Sneaker", "Bag", "Ankle boot")
+_IDX_TYPES = {
+    0x08: np.dtype("u1"),
+    0x09: np.dtype("i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _PREFIX = {"train": "train", "test": "t10k"}
 
@@ -29,8 +45,9 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
         raise ValueError(f"{name}: not an IDX file (the first two bytes must be zero)")
     code, ndim = data[2], data[3]
     if code not in _IDX_TYPES:
-        raise ValueError(f"{name}: unknown IDX type code 0x{code:02x} (known: "
-                         f"{', '.join(f'0x{c:02x}' for c in _IDX_TYPES)})")
+        raise ValueError(
+            f"{name}: unknown IDX type code 0x{code:02x} (known: {', '.join(f'0x{c:02x}' for c in _IDX_TYPES)})"
+        )
     header = 4 + 4 * ndim
     if len(data) < header:
         raise ValueError(f"{name}: truncated IDX header ({len(data)} bytes, need {header})")
@@ -38,8 +55,9 @@ def parse_idx(data: bytes, name: str = "<bytes>") -> np.ndarray:
     dtype = _IDX_TYPES[code]
     expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) != expected:
-        raise ValueError(f"{name}: IDX size mismatch: shape {shape} of {dtype} needs {expected} bytes, "
-                         f"file has {len(data)}")
+        raise ValueError(
+            f"{name}: IDX size mismatch: shape {shape} of {dtype} needs {expected} bytes, file has {len(data)}"
+        )
     array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
 
@@ -71,13 +89,16 @@ def find_idx_pair(directory: str | os.PathLike, split: str) -> tuple[str, str] |
     return found[0], found[1]
 
 
-def idx_dataset(directory: str | os.PathLike, split: str = "train",
-                classes: tuple[str, ...] = FASHION_MNIST_CLASSES) -> ArrayDataset:
+def idx_dataset(
+    directory: str | os.PathLike, split: str = "train", classes: tuple[str, ...] = FASHION_MNIST_CLASSES
+) -> ArrayDataset:
     """An MNIST-style split from IDX files in ``directory``: 1-channel uint8 images read as RGB."""
     pair = find_idx_pair(directory, split)
     if pair is None:
-        raise FileNotFoundError(f"no {_PREFIX[split]}-images-idx3-ubyte[.gz] and "
-                                f"{_PREFIX[split]}-labels-idx1-ubyte[.gz] in {os.fspath(directory)!r}")
+        raise FileNotFoundError(
+            f"no {_PREFIX[split]}-images-idx3-ubyte[.gz] and "
+            f"{_PREFIX[split]}-labels-idx1-ubyte[.gz] in {os.fspath(directory)!r}"
+        )
     images, labels = read_idx(pair[0]), read_idx(pair[1])
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"{pair[0]}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
@@ -86,5 +107,4 @@ def idx_dataset(directory: str | os.PathLike, split: str = "train",
     return ArrayDataset(images.copy(), labels.astype(np.int64), classes)
 
 
-__all__ = ["parse_idx", "read_idx", "find_idx_pair", "idx_dataset", "FASHION_MNIST_CLASSES",
-           "DEBIAN_FASHION_MNIST_DIR"]
+__all__ = ["parse_idx", "read_idx", "find_idx_pair", "idx_dataset", "FASHION_MNIST_CLASSES", "DEBIAN_FASHION_MNIST_DIR"]

@@ -40,8 +40,9 @@ def batches_per_epoch(n: int, batch_size: int, world_size: int = 1) -> int:
     return n // (batch_size * world_size)
 
 
-def epoch_batches(n: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> torch.Tensor:
+def epoch_batches(
+    n: int, *, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
     """Sample indices of every batch of one epoch for one rank: int64 ``[batches_per_epoch, batch_size]``."""
     _check_plan(n, batch_size, rank, world_size)
     steps = batches_per_epoch(n, batch_size, world_size)
@@ -54,8 +55,10 @@ def _check_plan(n: int, batch_size: int, rank: int, world_size: int) -> None:
     check_int("world_size", world_size, lo=1)
     check_int("rank", rank, 0, world_size - 1)
     if n < batch_size * world_size:
-        raise ValueError(f"the data set has {n} samples, fewer than one global batch of "
-                         f"batch_size={batch_size} x world_size={world_size}")
+        raise ValueError(
+            f"the data set has {n} samples, fewer than one global batch of "
+            f"batch_size={batch_size} x world_size={world_size}"
+        )
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -81,8 +84,14 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         # Built eagerly: the position is captured when iteration starts, not on the first next().
-        plan = epoch_batches(self.n, batch_size=self.batch_size, seed=self.seed, epoch=self.epoch,
-                             rank=self.rank, world_size=self.world_size)[self.start_batch:]
+        plan = epoch_batches(
+            self.n,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+        )[self.start_batch :]
         return iter([[(self.epoch, i) for i in row] for row in plan.tolist()])
 
 
@@ -100,8 +109,10 @@ def load_with_fallback(source: Dataset, index: int) -> tuple[object, int, list[t
             return image, label, skipped
         except BadImageError as e:
             skipped.append((e.path, e.reason))
-    raise RuntimeError(f"{len(skipped)} consecutive files failed to load, starting at index {index} "
-                       f"({skipped[0][0]!r}: {skipped[0][1]}); the data set looks broken")
+    raise RuntimeError(
+        f"{len(skipped)} consecutive files failed to load, starting at index {index} "
+        f"({skipped[0][0]!r}: {skipped[0][1]}); the data set looks broken"
+    )
 
 
 class MultiCropDataset(Dataset):
@@ -181,8 +192,9 @@ class _SkipLog:
         return len(self._skipped)
 
 
-def _dataloader_kwargs(num_workers: int, pin_memory: bool | None, persistent_workers: bool,
-                       prefetch_factor: int | None, seed: int) -> dict:
+def _dataloader_kwargs(
+    num_workers: int, pin_memory: bool | None, persistent_workers: bool, prefetch_factor: int | None, seed: int
+) -> dict:
     check_int("num_workers", num_workers, lo=0)
     kwargs = dict(
         num_workers=num_workers,
@@ -207,17 +219,32 @@ class MultiCropLoader(_SkipLog):
     uninterrupted iteration would (mid-epoch resume). Worker processes persist across epochs.
     """
 
-    def __init__(self, dataset: Dataset, transform: MultiCrop, *, batch_size: int, seed: int = 0,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
-                 persistent_workers: bool = True, prefetch_factor: int | None = None,
-                 multiprocessing_context=None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: MultiCrop,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+        multiprocessing_context=None,
+    ) -> None:
         super().__init__()
-        self.sampler = ResumableBatchSampler(len(dataset), batch_size=batch_size, seed=seed, rank=rank,
-                                             world_size=world_size)
+        self.sampler = ResumableBatchSampler(
+            len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size
+        )
         self.dataloader = DataLoader(
-            MultiCropDataset(dataset, transform, seed), batch_sampler=self.sampler, collate_fn=_collated,
+            MultiCropDataset(dataset, transform, seed),
+            batch_sampler=self.sampler,
+            collate_fn=_collated,
             multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
-            **_dataloader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed))
+            **_dataloader_kwargs(num_workers, pin_memory, persistent_workers, prefetch_factor, seed),
+        )
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
 
     def __len__(self) -> int:
@@ -255,13 +282,25 @@ class EvalLoader(_SkipLog):
     extraction (k-NN memory bank and queries, linear probes).
     """
 
-    def __init__(self, dataset: Dataset, transform: EvalTransform, *, batch_size: int, num_workers: int = 0,
-                 pin_memory: bool | None = None, persistent_workers: bool = False) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: EvalTransform,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = False,
+    ) -> None:
         super().__init__()
         check_int("batch_size", batch_size, lo=1)
         self.dataloader = DataLoader(
-            _EvalDataset(dataset, transform), batch_size=batch_size, shuffle=False, collate_fn=_collate_eval,
-            **_dataloader_kwargs(num_workers, pin_memory, persistent_workers, None, 0))
+            _EvalDataset(dataset, transform),
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=_collate_eval,
+            **_dataloader_kwargs(num_workers, pin_memory, persistent_workers, None, 0),
+        )
 
     def __len__(self) -> int:
         return len(self.dataloader)
@@ -273,6 +312,11 @@ class EvalLoader(_SkipLog):
 
 
 __all__ = [
-    "batches_per_epoch", "epoch_batches", "ResumableBatchSampler", "load_with_fallback", "MultiCropDataset",
-"MultiCropLoader", "EvalLoader",
+    "batches_per_epoch",
+    "epoch_batches",
+    "ResumableBatchSampler",
+    "load_with_fallback",
+    "MultiCropDataset",
+    "MultiCropLoader",
+    "EvalLoader",
 ]

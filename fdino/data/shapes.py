@@ -92,15 +92,15 @@ def _heart(x, y):  # Quilez's sdHeart, recentred and scaled to radius ~1
 
 
 _SDF = (
-    lambda x, y: _length(x, y) - 1.0,                                           # disk
-    lambda x, y: _box(x, y, 0.8, 0.8),                                          # square
-    _triangle,                                                                  # triangle
-    lambda x, y: torch.minimum(_box(x, y, 1.0, 0.3), _box(x, y, 0.3, 1.0)),     # plus
-    lambda x, y: (_length(x, y) - 0.75).abs() - 0.25,                           # ring
-    _star,                                                                      # star
+    lambda x, y: _length(x, y) - 1.0,  # disk
+    lambda x, y: _box(x, y, 0.8, 0.8),  # square
+    _triangle,  # triangle
+    lambda x, y: torch.minimum(_box(x, y, 1.0, 0.3), _box(x, y, 0.3, 1.0)),  # plus
+    lambda x, y: (_length(x, y) - 0.75).abs() - 0.25,  # ring
+    _star,  # star
     lambda x, y: torch.maximum(_length(x, y) - 1.0, 0.8 - _length(x - 0.5, y)),  # crescent
-    lambda x, y: _box(x, y, 1.0, 0.32),                                         # bar
-    _heart,                                                                     # heart
+    lambda x, y: _box(x, y, 1.0, 0.32),  # bar
+    _heart,  # heart
     lambda x, y: torch.minimum(_length(x - 0.58, y), _length(x + 0.58, y)) - 0.42,  # pair
 )
 
@@ -214,8 +214,8 @@ def _generate(n: int, size: int, seed: int, split: str) -> tuple[torch.Tensor, t
     chunk = max(1, 2**18 // (size * size))
     out = torch.empty(n, 3, size, size, dtype=torch.uint8)
     for start in range(0, n, chunk):
-        part = {k: v[start:start + chunk] for k, v in params.items()}
-        out[start:start + chunk] = _render(part, size, torch_generator(seed, "shapes10", split, "noise", start))
+        part = {k: v[start : start + chunk] for k, v in params.items()}
+        out[start : start + chunk] = _render(part, size, torch_generator(seed, "shapes10", split, "noise", start))
     return out, params["labels"]
 
 

@@ -35,8 +35,15 @@ _ROLE_SPLITS = {
     "stl10": {"train": "train+unlabeled", "memory": "train", "query": "test"},
 }
 _SPLITS = {"stl10": ("train", "train+unlabeled", "unlabeled", "test")}
-_ALIASES = {"cifar-10": "cifar10", "cifar-100": "cifar100", "stl-10": "stl10", "fashion_mnist": "fashion-mnist",
-            "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "shapes": "shapes10"}
+_ALIASES = {
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
+    "stl-10": "stl10",
+    "fashion_mnist": "fashion-mnist",
+    "fashionmnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
+    "shapes": "shapes10",
+}
 DATASET_NAMES = tuple(_ROLE_SPLITS)
 
 
@@ -79,9 +86,16 @@ def resolve_split(name: str, split: str) -> str:
     return split
 
 
-def build_dataset(name_or_path: str | os.PathLike = "shapes10", *, root: str | os.PathLike | None = None,
-                  split: str = "train", download: bool = False, seed: int = 0, image_size: int = 32,
-                  n: int | None = None) -> DataSource:
+def build_dataset(
+    name_or_path: str | os.PathLike = "shapes10",
+    *,
+    root: str | os.PathLike | None = None,
+    split: str = "train",
+    download: bool = False,
+    seed: int = 0,
+    image_size: int = 32,
+    n: int | None = None,
+) -> DataSource:
     """Resolve a data set by name or folder path and load one split.
 
     Args:
@@ -118,13 +132,14 @@ def _folder_source(path: str, split: str) -> DataSource:
         eval_split = "val" if "val" in splits else "test" if "test" in splits else None
         concrete = {"train": "train", "memory": "train", "query": eval_split}.get(split, split)
         if concrete is None or concrete not in splits:
-            raise ValueError(f"split={split!r} is not available in {path!r}: it has the split folders "
-                             f"{sorted(splits)}")
+            raise ValueError(f"split={split!r} is not available in {path!r}: it has the split folders {sorted(splits)}")
         ds = ImageFolder(splits[concrete], classes=classes)
     else:
         if split == "query":
-            raise ValueError(f"{path!r} has no val/ or test/ subfolder, so there is no query split for "
-                             f"k-NN evaluation (use train/ and val/ subfolders)")
+            raise ValueError(
+                f"{path!r} has no val/ or test/ subfolder, so there is no query split for "
+                f"k-NN evaluation (use train/ and val/ subfolders)"
+            )
         if split not in ("train", "memory"):
             raise ValueError(f"split={split!r} is invalid for the plain folder {path!r}: allowed 'train', 'memory'")
         concrete = "all"
@@ -169,11 +184,16 @@ def _fashion_mnist(root: str | os.PathLike | None, split: str, download: bool) -
     try:
         ds = datasets.FashionMNIST(tv_root, train=split == "train", download=download)
     except RuntimeError as e:
-        hint = "" if download else ("; pass download=True (needs a network), or install the Debian package "
-                                    f"dataset-fashion-mnist ({DEBIAN_FASHION_MNIST_DIR})")
+        hint = (
+            ""
+            if download
+            else (
+                "; pass download=True (needs a network), or install the Debian package "
+                f"dataset-fashion-mnist ({DEBIAN_FASHION_MNIST_DIR})"
+            )
+        )
         raise FileNotFoundError(f"fashion-mnist not found under root={tv_root!r}{hint}") from e
     return ArrayDataset(ds.data, ds.targets, tuple(ds.classes))
 
 
-__all__ = ["DataSource", "build_dataset", "resolve_split", "canonical_name", "default_root", "ROLES",
-           "DATASET_NAMES"]
+__all__ = ["DataSource", "build_dataset", "resolve_split", "canonical_name", "default_root", "ROLES", "DATASET_NAMES"]

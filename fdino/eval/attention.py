@@ -35,8 +35,10 @@ def attention_module(backbone: nn.Module, block: int = -1) -> nn.Module:
     attn = getattr(backbone.blocks[block], "attn", None)
     qkv = getattr(attn, "qkv", None)
     if not isinstance(qkv, nn.Linear) or not hasattr(attn, "num_heads"):
-        raise ValueError(f"the last block's attention ({type(attn).__name__}) has no fused qkv projection; "
-                         f"supported: timm.models.vision_transformer.Attention and compatible modules")
+        raise ValueError(
+            f"the last block's attention ({type(attn).__name__}) has no fused qkv projection; "
+            f"supported: timm.models.vision_transformer.Attention and compatible modules"
+        )
     for name in ("q_bias", "v_bias", "relative_position_bias_table", "rope"):
         if getattr(attn, name, None) is not None:  # extra terms this recomputation would miss
             raise ValueError(f"{type(attn).__name__} uses {name!r}, which cls_attention does not model")
@@ -70,15 +72,16 @@ def cls_attention(backbone: nn.Module, images: torch.Tensor, *, block: int = -1)
     head_dim = attn.qkv.out_features // (3 * heads)
     qkv = attn.qkv(x).reshape(b, t, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hd)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    scale = getattr(attn, "scale", head_dim ** -0.5)
-    logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)        # (B, nh, 1, T)
-    probs = logits.softmax(dim=-1)[:, :, 0]                                      # (B, nh, T)
-    patches = probs[:, :, backbone.num_prefix_tokens:]                           # drop CLS (+ registers)
+    scale = getattr(attn, "scale", head_dim**-0.5)
+    logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)  # (B, nh, 1, T)
+    probs = logits.softmax(dim=-1)[:, :, 0]  # (B, nh, T)
+    patches = probs[:, :, backbone.num_prefix_tokens :]  # drop CLS (+ registers)
     patches = patches / patches.sum(dim=-1, keepdim=True)
     h, w = backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
     if h * w != patches.shape[-1]:
-        raise ValueError(f"{patches.shape[-1]} patch tokens do not form the {h} x {w} grid of "
-                         f"{tuple(images.shape[-2:])} images")
+        raise ValueError(
+            f"{patches.shape[-1]} patch tokens do not form the {h} x {w} grid of {tuple(images.shape[-2:])} images"
+        )
     return patches.reshape(b, heads, h, w)
 
 
@@ -99,25 +102,33 @@ def attention_masks(attention: torch.Tensor, mass: float = PAPER_MASS) -> torch.
     return keep.reshape(attention.shape)
 
 
-def attention_cells(image: torch.Tensor, attention: torch.Tensor, masks: torch.Tensor, *, scale: int,
-                    alpha: float = 0.6) -> list[torch.Tensor]:
+def attention_cells(
+    image: torch.Tensor, attention: torch.Tensor, masks: torch.Tensor, *, scale: int, alpha: float = 0.6
+) -> list[torch.Tensor]:
     """One image's column: the image, each head's heat map over it, then each head's mask.
 
     image ``[3, H, W]`` in [0, 1]; attention ``[heads, h, w]``; masks bool ``[heads, h, w]``.
     """
     size = (image.shape[-2] * scale, image.shape[-1] * scale)
     big = enlarge(image[None], size, smooth=True)[0]
-    heat = enlarge(colormap(normalize_max(attention)), size)           # (nh, 3, S, S), patch blocks
+    heat = enlarge(colormap(normalize_max(attention)), size)  # (nh, 3, S, S), patch blocks
     overlays = (1 - alpha) * big + alpha * heat
-    keep = enlarge(masks[:, None].float(), size)                        # (nh, 1, S, S)
+    keep = enlarge(masks[:, None].float(), size)  # (nh, 1, S, S)
     tint = torch.tensor([0.1, 0.1, 0.35]).view(3, 1, 1)
-    masked = keep * big + (1 - keep) * (0.25 * big + tint)             # outside the mask: dark blue
+    masked = keep * big + (1 - keep) * (0.25 * big + tint)  # outside the mask: dark blue
     return [big, *overlays, *masked]
 
 
-def save_attention_grid(backbone: nn.Module, images: torch.Tensor, path: str | Path, *,
-                        mean: Sequence[float], std: Sequence[float], mass: float = PAPER_MASS,
-                        min_cell: int = 96) -> Path:
+def save_attention_grid(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    path: str | Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mass: float = PAPER_MASS,
+    min_cell: int = 96,
+) -> Path:
     """PNG of the last block's CLS attention: one column per image.
 
     Rows: the image, then each head's heat map over it, then each head's 60%-mass mask; so
@@ -134,5 +145,11 @@ def save_attention_grid(backbone: nn.Module, images: torch.Tensor, path: str | P
     return save_grid(rows, path)
 
 
-__all__ = ["cls_attention", "attention_masks", "attention_module", "attention_cells", "save_attention_grid",
-           "PAPER_MASS"]
+__all__ = [
+    "cls_attention",
+    "attention_masks",
+    "attention_module",
+    "attention_cells",
+    "save_attention_grid",
+    "PAPER_MASS",
+]

@@ -47,16 +47,26 @@ def _add_model_args(p: argparse.ArgumentParser, *, optional: bool = False, flag:
 
 
 def _add_feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n-last-blocks", type=int, default=1,
-                   help="concatenate the CLS tokens of the last n ViT blocks (paper, linear ViT-S: 4)")
-    p.add_argument("--avgpool", action="store_true",
-                   help="append the average of the last block's patch tokens (paper, linear ViT-B)")
+    p.add_argument(
+        "--n-last-blocks",
+        type=int,
+        default=1,
+        help="concatenate the CLS tokens of the last n ViT blocks (paper, linear ViT-S: 4)",
+    )
+    p.add_argument(
+        "--avgpool",
+        action="store_true",
+        help="append the average of the last block's patch tokens (paper, linear ViT-B)",
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="shapes10",
-                   help="data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist) or an image folder "
-                        "with train/ and val/ (or test/) class subfolders")
+    p.add_argument(
+        "--data",
+        default="shapes10",
+        help="data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist) or an image folder "
+        "with train/ and val/ (or test/) class subfolders",
+    )
     p.add_argument("--data-root", help="where torchvision data sets live (default: $FDINO_DATA or ~/.cache/fdino)")
     p.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
 
@@ -77,9 +87,16 @@ def _features(args, model, source):
     from ..data import EvalTransform  # noqa: PLC0415
     from .features import extract_features  # noqa: PLC0415
 
-    return extract_features(model.backbone, source.dataset, batch_size=args.batch_size, device=args.device,
-                            n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, num_workers=args.num_workers,
-                            transform=EvalTransform(model.image_size, mean=model.mean, std=model.std))
+    return extract_features(
+        model.backbone,
+        source.dataset,
+        batch_size=args.batch_size,
+        device=args.device,
+        n_last_blocks=args.n_last_blocks,
+        avgpool=args.avgpool,
+        num_workers=args.num_workers,
+        transform=EvalTransform(model.image_size, mean=model.mean, std=model.std),
+    )
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -90,6 +107,7 @@ def _write_json(path: str | None, data: dict) -> None:
 
 def _friendly(func):
     """Report user errors (bad paths, bad options) as one line and exit code 2, not a traceback."""
+
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
         try:
@@ -97,6 +115,7 @@ def _friendly(func):
         except (ValueError, FileNotFoundError, NotADirectoryError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+
     return run
 
 
@@ -115,17 +134,32 @@ def run_knn(args: argparse.Namespace) -> int:
         model = _load_model(args)
         bank, bank_y = _features(args, model, memory)
         queries, query_y = _features(args, model, query)
-        report["features"] = knn_classify(bank, bank_y, queries, query_y, ks=args.k, temperature=args.temperature,
-                                          num_classes=memory.num_classes or None, query_chunk=args.query_chunk,
-                                          bank_chunk=args.bank_chunk, device=args.device)
+        report["features"] = knn_classify(
+            bank,
+            bank_y,
+            queries,
+            query_y,
+            ks=args.k,
+            temperature=args.temperature,
+            num_classes=memory.num_classes or None,
+            query_chunk=args.query_chunk,
+            bank_chunk=args.bank_chunk,
+            device=args.device,
+        )
         report["feature_stats"] = representation_stats(queries)
     if args.raw_pixels:
         from ..data import EvalTransform  # noqa: PLC0415
 
         # Pixels in [0, 1], resized only when asked (needed for folders of mixed image sizes).
         transform = EvalTransform(args.img_size, mean=(0.0,) * 3, std=(1.0,) * 3) if args.img_size else None
-        report["raw_pixels"] = raw_pixel_knn(memory.dataset, query.dataset, ks=args.k, temperature=args.temperature,
-                                             transform=transform, device=args.device)
+        report["raw_pixels"] = raw_pixel_knn(
+            memory.dataset,
+            query.dataset,
+            ks=args.k,
+            temperature=args.temperature,
+            transform=transform,
+            device=args.device,
+        )
     print(f"k-NN on {args.data}: {len(memory)} memory / {len(query)} query images, T={args.temperature}")
     for name in ("features", "raw_pixels"):
         for k, acc in report.get(name, {}).items():
@@ -147,20 +181,42 @@ def run_linear(args: argparse.Namespace) -> int:
         train, train_y = _features(args, model, memory)
         test, test_y = _features(args, model, query)
         for lr in args.lr or [None]:
-            r = linear_probe(train, train_y, test, test_y, epochs=args.epochs, batch_size=args.probe_batch_size,
-                             lr=lr, standardize=not args.no_standardize, num_classes=memory.num_classes or None,
-                             device=args.device)
+            r = linear_probe(
+                train,
+                train_y,
+                test,
+                test_y,
+                epochs=args.epochs,
+                batch_size=args.probe_batch_size,
+                lr=lr,
+                standardize=not args.no_standardize,
+                num_classes=memory.num_classes or None,
+                device=args.device,
+            )
             results[str(lr or "default")] = {k: r[k] for k in ("top1", "top5", "train_top1")}
     else:
+
         def progress(epoch: int, loss: float) -> None:
             print(f"  epoch {epoch + 1}/{args.epochs}  loss {loss:.4f}", flush=True)
 
         for lr in args.lr or [None]:
-            r = linear_eval_images(model.backbone, memory.dataset, query.dataset, image_size=model.image_size,
-                                   mean=model.mean, std=model.std, epochs=args.epochs,
-                                   batch_size=args.probe_batch_size, lr=lr, n_last_blocks=args.n_last_blocks,
-                                   avgpool=args.avgpool, num_classes=memory.num_classes or None, device=args.device,
-                                   num_workers=args.num_workers, on_epoch=progress)
+            r = linear_eval_images(
+                model.backbone,
+                memory.dataset,
+                query.dataset,
+                image_size=model.image_size,
+                mean=model.mean,
+                std=model.std,
+                epochs=args.epochs,
+                batch_size=args.probe_batch_size,
+                lr=lr,
+                n_last_blocks=args.n_last_blocks,
+                avgpool=args.avgpool,
+                num_classes=memory.num_classes or None,
+                device=args.device,
+                num_workers=args.num_workers,
+                on_epoch=progress,
+            )
             results[str(lr or "default")] = {k: r[k] for k in ("top1", "top5")}
     print(f"linear probe ({args.mode}) on {args.data}: {len(memory)} train / {len(query)} test images")
     for lr, acc in results.items():
@@ -191,8 +247,14 @@ def run_attention(args: argparse.Namespace) -> int:
     images, names = _images_from_args(args, model)
     out = Path(args.out)
     for image, name in zip(images, names):
-        path = save_attention_grid(model.backbone, image[None].to(args.device), out / f"{name}-attention.png",
-                                   mean=model.mean, std=model.std, mass=args.mass)
+        path = save_attention_grid(
+            model.backbone,
+            image[None].to(args.device),
+            out / f"{name}-attention.png",
+            mean=model.mean,
+            std=model.std,
+            mass=args.mass,
+        )
         print(f"wrote {path}")
     return 0
 
@@ -203,9 +265,18 @@ def run_embed(args: argparse.Namespace) -> int:
     from .embed import embed_folder, save_embeddings  # noqa: PLC0415
 
     model = _load_model(args)
-    emb, skipped = embed_folder(model.backbone, args.folder, image_size=model.image_size, mean=model.mean,
-                                std=model.std, batch_size=args.batch_size, device=args.device,
-                                n_last_blocks=args.n_last_blocks, avgpool=args.avgpool, num_workers=args.num_workers)
+    emb, skipped = embed_folder(
+        model.backbone,
+        args.folder,
+        image_size=model.image_size,
+        mean=model.mean,
+        std=model.std,
+        batch_size=args.batch_size,
+        device=args.device,
+        n_last_blocks=args.n_last_blocks,
+        avgpool=args.avgpool,
+        num_workers=args.num_workers,
+    )
     emb.info["model"] = model_args_record(args, str(Path(args.model).resolve()))
     path = save_embeddings(args.out, emb)
     for p, reason in skipped.items():
@@ -230,17 +301,25 @@ def run_search(args: argparse.Namespace) -> int:
         args.model_kwargs = stored.get("model_kwargs") or []
     model = _load_model(args)
     size = emb.info.get("image_size", model.image_size)
-    feats, kept, skipped = embed_paths(model.backbone, [args.query], image_size=size, mean=model.mean, std=model.std,
-                                       device=args.device, n_last_blocks=emb.info.get("n_last_blocks", 1),
-                                       avgpool=emb.info.get("avgpool", False))
+    feats, kept, skipped = embed_paths(
+        model.backbone,
+        [args.query],
+        image_size=size,
+        mean=model.mean,
+        std=model.std,
+        device=args.device,
+        n_last_blocks=emb.info.get("n_last_blocks", 1),
+        avgpool=emb.info.get("avgpool", False),
+    )
     scores, index = search(feats, emb.features, args.k)
     print(f"top {scores.shape[1]} matches of {args.query} among {len(emb.paths)} images:")
     for s, i in zip(scores[0].tolist(), index[0].tolist()):
         print(f"  {s:.4f}  {emb.paths[i]}")
     if args.out:
         pixels = lambda p: as_uint8_chw(load_rgb(p)).float() / 255.0  # noqa: E731
-        path = save_search_grid(pixels(args.query), [pixels(emb.paths[i]) for i in index[0].tolist()],
-                                scores[0].tolist(), args.out)
+        path = save_search_grid(
+            pixels(args.query), [pixels(emb.paths[i]) for i in index[0].tolist()], scores[0].tolist(), args.out
+        )
         print(f"wrote {path}")
     return 0
 
@@ -270,8 +349,14 @@ def run_viz(args: argparse.Namespace) -> int:
             transform = EvalTransform(model.image_size, mean=model.mean, std=model.std)
             n = min(args.patch_pca, len(source))
             images = torch.stack([transform(source.dataset[i][0]) for i in range(n)]).to(args.device)
-            path = save_patch_pca(model.backbone, images, out / "patch-pca.png", mean=model.mean, std=model.std,
-                                  foreground=args.foreground)
+            path = save_patch_pca(
+                model.backbone,
+                images,
+                out / "patch-pca.png",
+                mean=model.mean,
+                std=model.std,
+                foreground=args.foreground,
+            )
             print(f"wrote {path}")
         else:
             print("patch PCA skipped: the backbone is not a ViT")
@@ -282,14 +367,21 @@ def run_viz(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     """Add ``eval`` (``knn``, ``linear``), ``attention``, ``embed``, ``viz`` and ``search`` to a parser."""
     fmt = _Help
-    ev = subparsers.add_parser("eval", help="measure a representation: weighted k-NN or linear probe",
-                               description="Evaluate frozen features as in the DINO paper.")
+    ev = subparsers.add_parser(
+        "eval",
+        help="measure a representation: weighted k-NN or linear probe",
+        description="Evaluate frozen features as in the DINO paper.",
+    )
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="{knn,linear}")
     ev_sub.required = True
 
-    p = ev_sub.add_parser("knn", formatter_class=fmt, help="weighted k-NN (paper: T=0.07, k=10/20/100/200)",
-                          description="Weighted k-NN classification: memory split as the bank, query split as "
-                                      "queries; cosine similarity, votes weighted by exp(sim / T).")
+    p = ev_sub.add_parser(
+        "knn",
+        formatter_class=fmt,
+        help="weighted k-NN (paper: T=0.07, k=10/20/100/200)",
+        description="Weighted k-NN classification: memory split as the bank, query split as "
+        "queries; cosine similarity, votes weighted by exp(sim / T).",
+    )
     _add_model_args(p, optional=True)
     _add_data_args(p)
     _add_feature_args(p)
@@ -301,27 +393,42 @@ def register(subparsers) -> None:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run_knn)
 
-    p = ev_sub.add_parser("linear", formatter_class=fmt, help="linear probe on frozen features",
-                          description="Linear classifier on frozen features. fast: train on cached features "
-                                      "(one forward pass); paper: SGD on random-resized-crop + flip views through "
-                                      "the frozen backbone for every step (slow, the published protocol).")
+    p = ev_sub.add_parser(
+        "linear",
+        formatter_class=fmt,
+        help="linear probe on frozen features",
+        description="Linear classifier on frozen features. fast: train on cached features "
+        "(one forward pass); paper: SGD on random-resized-crop + flip views through "
+        "the frozen backbone for every step (slow, the published protocol).",
+    )
     _add_model_args(p)
     _add_data_args(p)
     _add_feature_args(p)
     p.add_argument("--mode", choices=("fast", "paper"), default="fast", help="cached features or augmented images")
     p.add_argument("--epochs", type=int, default=100, help="training epochs")
-    p.add_argument("--lr", type=float, nargs="+",
-                   help="peak learning rate(s), cosine-decayed; several values are a sweep (default: 0.1 on "
-                        "standardized features in fast mode, 0.001 x batch / 256 in paper mode)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        nargs="+",
+        help="peak learning rate(s), cosine-decayed; several values are a sweep (default: 0.1 on "
+        "standardized features in fast mode, 0.001 x batch / 256 in paper mode)",
+    )
     p.add_argument("--probe-batch-size", type=int, default=1024, help="probe training batch size")
-    p.add_argument("--no-standardize", action="store_true",
-                   help="fast mode: train on raw features (the paper's setting) instead of standardized ones")
+    p.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="fast mode: train on raw features (the paper's setting) instead of standardized ones",
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run_linear)
 
-    p = subparsers.add_parser("attention", formatter_class=fmt, help="CLS self-attention maps of the last block",
-                              description="Last-block CLS attention per head as heat maps and as the paper's "
-                                          "masks (patches holding --mass of the attention); one PNG per image.")
+    p = subparsers.add_parser(
+        "attention",
+        formatter_class=fmt,
+        help="CLS self-attention maps of the last block",
+        description="Last-block CLS attention per head as heat maps and as the paper's "
+        "masks (patches holding --mass of the attention); one PNG per image.",
+    )
     _add_model_args(p)
     p.add_argument("images", nargs="*", help="image files (default: the first --n images of --data)")
     _add_data_args(p)
@@ -331,18 +438,26 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="attention", help="output folder")
     p.set_defaults(func=run_attention)
 
-    p = subparsers.add_parser("embed", formatter_class=fmt, help="features of an image folder to a file",
-                              description="Embed every image under a folder; writes .safetensors (paths in the "
-                                          "metadata) or .npy (paths in a .json sidecar), chosen by --out's suffix.")
+    p = subparsers.add_parser(
+        "embed",
+        formatter_class=fmt,
+        help="features of an image folder to a file",
+        description="Embed every image under a folder; writes .safetensors (paths in the "
+        "metadata) or .npy (paths in a .json sidecar), chosen by --out's suffix.",
+    )
     _add_model_args(p)
     p.add_argument("folder", help="folder of images (class subfolders are stored as labels)")
     _add_feature_args(p)
     p.add_argument("--out", required=True, help="output file: NAME.safetensors or NAME.npy")
     p.set_defaults(func=run_embed)
 
-    p = subparsers.add_parser("search", formatter_class=fmt, help="most similar images in an embedded folder",
-                              description="Top-k cosine matches of a query image among embeddings from "
-                                          "'fdino embed', printed and drawn as a PNG grid with scores.")
+    p = subparsers.add_parser(
+        "search",
+        formatter_class=fmt,
+        help="most similar images in an embedded folder",
+        description="Top-k cosine matches of a query image among embeddings from "
+        "'fdino embed', printed and drawn as a PNG grid with scores.",
+    )
     p.add_argument("embeddings", help="file written by 'fdino embed'")
     p.add_argument("query", help="query image file")
     p.add_argument("--k", type=int, default=8, help="number of matches")
@@ -350,9 +465,13 @@ def register(subparsers) -> None:
     _add_model_args(p, flag=True)
     p.set_defaults(func=run_search)
 
-    p = subparsers.add_parser("viz", formatter_class=fmt, help="PCA / t-SNE plots and patch-feature PCA",
-                              description="Scatter plots of features coloured by label (PCA, exact t-SNE) and the "
-                                          "first 3 principal components of patch features as RGB.")
+    p = subparsers.add_parser(
+        "viz",
+        formatter_class=fmt,
+        help="PCA / t-SNE plots and patch-feature PCA",
+        description="Scatter plots of features coloured by label (PCA, exact t-SNE) and the "
+        "first 3 principal components of patch features as RGB.",
+    )
     _add_model_args(p)
     _add_data_args(p)
     _add_feature_args(p)

@@ -63,10 +63,19 @@ def _collate(samples):
 
 
 @torch.no_grad()
-def embed_paths(backbone: nn.Module, paths: Sequence[str], *, image_size: int, mean: Sequence[float],
-                std: Sequence[float], batch_size: int = 64, device: str | torch.device = "cpu",
-                n_last_blocks: int = 1, avgpool: bool = False, num_workers: int = 0
-                ) -> tuple[torch.Tensor, list[int], dict[str, str]]:
+def embed_paths(
+    backbone: nn.Module,
+    paths: Sequence[str],
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, list[int], dict[str, str]]:
     """Features of the images at ``paths`` (evaluation view: resize + center crop).
 
     Returns ``(features [M, D] float32 CPU, kept indices into paths (M), {path: reason} skipped)``.
@@ -74,8 +83,9 @@ def embed_paths(backbone: nn.Module, paths: Sequence[str], *, image_size: int, m
     from ..data import EvalTransform  # noqa: PLC0415
 
     transform = EvalTransform(image_size, mean=tuple(mean), std=tuple(std))
-    loader = DataLoader(_PathImages(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate)
+    loader = DataLoader(
+        _PathImages(paths, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
+    )
     backbone.eval()
     feats, kept, skipped = [], [], {}
     for images, index, bad in loader:
@@ -99,11 +109,16 @@ def embed_folder(backbone: nn.Module, folder: str | os.PathLike, **kwargs: Any) 
 
     paths, labels, classes = scan_image_folder(folder)
     feats, kept, skipped = embed_paths(backbone, paths, **kwargs)
-    info = {"folder": os.path.abspath(os.fspath(folder)), "classes": list(classes),
-            **{k: v for k, v in kwargs.items() if k in ("image_size", "n_last_blocks", "avgpool")},
-            "mean": list(kwargs.get("mean", ())), "std": list(kwargs.get("std", ()))}
-    return Embeddings(feats, [paths[i] for i in kept], torch.tensor([labels[i] for i in kept], dtype=torch.int64),
-                      info), skipped
+    info = {
+        "folder": os.path.abspath(os.fspath(folder)),
+        "classes": list(classes),
+        **{k: v for k, v in kwargs.items() if k in ("image_size", "n_last_blocks", "avgpool")},
+        "mean": list(kwargs.get("mean", ())),
+        "std": list(kwargs.get("std", ())),
+    }
+    return Embeddings(
+        feats, [paths[i] for i in kept], torch.tensor([labels[i] for i in kept], dtype=torch.int64), info
+    ), skipped
 
 
 def _sidecar(path: Path) -> Path:
@@ -122,8 +137,11 @@ def save_embeddings(path: str | os.PathLike, emb: Embeddings) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file  # noqa: PLC0415
 
-        save_file({"features": feats, "labels": emb.labels.long().contiguous()}, str(path),
-                  metadata={"paths": json.dumps(emb.paths), "info": json.dumps(emb.info)})
+        save_file(
+            {"features": feats, "labels": emb.labels.long().contiguous()},
+            str(path),
+            metadata={"paths": json.dumps(emb.paths), "info": json.dumps(emb.info)},
+        )
     else:
         np.save(path, feats.numpy())
         _sidecar(path).write_text(json.dumps({"paths": emb.paths, "labels": emb.labels.tolist(), "info": emb.info}))
@@ -160,8 +178,15 @@ def search(queries: torch.Tensor, bank: torch.Tensor, k: int = 8, **kwargs: Any)
     return knn_topk(bank, queries, k, **kwargs)
 
 
-def save_search_grid(query: torch.Tensor, results: Sequence[torch.Tensor], scores: Sequence[float],
-                     path: str | os.PathLike, *, names: Sequence[str] | None = None, min_cell: int = 96) -> Path:
+def save_search_grid(
+    query: torch.Tensor,
+    results: Sequence[torch.Tensor],
+    scores: Sequence[float],
+    path: str | os.PathLike,
+    *,
+    names: Sequence[str] | None = None,
+    min_cell: int = 96,
+) -> Path:
     """One-row PNG: the query image, then the matches with their cosine score under each.
 
     Images: float ``[3, H, W]`` in [0, 1] (any sizes; each is fitted into a square cell).
@@ -180,5 +205,13 @@ def save_search_grid(query: torch.Tensor, results: Sequence[torch.Tensor], score
     return save_grid([[fit(query), *(fit(r) for r in results)]], path, captions=[captions])
 
 
-__all__ = ["Embeddings", "embed_paths", "embed_folder", "save_embeddings", "load_embeddings", "search",
-           "save_search_grid", "SUFFIXES"]
+__all__ = [
+    "Embeddings",
+    "embed_paths",
+    "embed_folder",
+    "save_embeddings",
+    "load_embeddings",
+    "search",
+    "save_search_grid",
+    "SUFFIXES",
+]

@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..models import is_vit
 
 
-def batch_features(backbone: nn.Module, images: torch.Tensor, *, n_last_blocks: int = 1,
-                   avgpool: bool = False) -> torch.Tensor:
+def batch_features(
+    backbone: nn.Module, images: torch.Tensor, *, n_last_blocks: int = 1, avgpool: bool = False
+) -> torch.Tensor:
     """Features of one batch: ``[B, 3, H, W] -> [B, D']`` (call under no_grad / inference_mode).
 
     ``D' = D`` for the defaults; ``n_last_blocks * D (+ D with avgpool)`` for the linear-protocol
@@ -35,8 +36,10 @@ def batch_features(backbone: nn.Module, images: torch.Tensor, *, n_last_blocks: 
     if n_last_blocks == 1 and not avgpool:
         return backbone(images)
     if not is_vit(backbone):
-        raise ValueError(f"n_last_blocks={n_last_blocks} / avgpool={avgpool} need a ViT; "
-                         f"{type(backbone).__name__} only has its pooled feature (use the defaults)")
+        raise ValueError(
+            f"n_last_blocks={n_last_blocks} / avgpool={avgpool} need a ViT; "
+            f"{type(backbone).__name__} only has its pooled feature (use the defaults)"
+        )
     if getattr(backbone, "cls_token", None) is None:
         raise ValueError("n_last_blocks / avgpool need a ViT with a CLS token (class_token=True)")
     # [(patch tokens [B, L, D], prefix tokens [B, P, D])] for the last n blocks, each normed.
@@ -60,9 +63,14 @@ def is_map_dataset(data: Any) -> bool:
     return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple))
 
 
-def iter_batches(data: Dataset | Iterable, *, batch_size: int = 256, num_workers: int = 0,
-                 transform: Callable | None = None, pin_memory: bool = False
-                 ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+def iter_batches(
+    data: Dataset | Iterable,
+    *,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    transform: Callable | None = None,
+    pin_memory: bool = False,
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     """``(images [B, ...], labels [B])`` batches from a loader (used as is) or a map-style data set.
 
     A data set's items are ``(image, label)``; ``transform`` maps an image to a tensor (e.g.
@@ -78,15 +86,28 @@ def iter_batches(data: Dataset | Iterable, *, batch_size: int = 256, num_workers
         from ..data import EvalLoader  # noqa: PLC0415
 
         return EvalLoader(data, transform, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
-    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=_stack_items, pin_memory=pin_memory)
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_stack_items,
+        pin_memory=pin_memory,
+    )
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, dataset_or_loader: Dataset | Iterable, *, batch_size: int = 256,
-                     device: str | torch.device = "cpu", n_last_blocks: int = 1, avgpool: bool = False,
-                     num_workers: int = 0, transform: Callable | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    backbone: nn.Module,
+    dataset_or_loader: Dataset | Iterable,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    num_workers: int = 0,
+    transform: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of every image: ``(features float32 [N, D'] on CPU, labels int64 [N])``.
 
     Args:
@@ -101,13 +122,17 @@ def extract_features(backbone: nn.Module, dataset_or_loader: Dataset | Iterable,
     feats, labels = [], []
     try:
         pin = torch.device(device).type == "cuda"  # pinned host memory makes the copy asynchronous
-        for images, y in iter_batches(dataset_or_loader, batch_size=batch_size, num_workers=num_workers,
-                                      transform=transform, pin_memory=pin):
+        for images, y in iter_batches(
+            dataset_or_loader, batch_size=batch_size, num_workers=num_workers, transform=transform, pin_memory=pin
+        ):
             if not torch.is_floating_point(images):
-                raise TypeError(f"extract_features got {images.dtype} images: pass transform=EvalTransform(size, "
-                                f"mean=..., std=...) for a data set of raw images, or a loader of normalized batches")
-            f = batch_features(backbone, images.to(device, non_blocking=True), n_last_blocks=n_last_blocks,
-                               avgpool=avgpool)
+                raise TypeError(
+                    f"extract_features got {images.dtype} images: pass transform=EvalTransform(size, "
+                    f"mean=..., std=...) for a data set of raw images, or a loader of normalized batches"
+                )
+            f = batch_features(
+                backbone, images.to(device, non_blocking=True), n_last_blocks=n_last_blocks, avgpool=avgpool
+            )
             feats.append(f.float().cpu())  # per batch: the bank accumulates in host memory
             labels.append(torch.as_tensor(y).reshape(-1).long().cpu())
     finally:
@@ -126,9 +151,13 @@ def _as_pixels(image: Any) -> torch.Tensor:
     return as_uint8_chw(image)
 
 
-def raw_pixel_features(dataset_or_loader: Dataset | Iterable, *, batch_size: int = 1024,
-                       transform: Callable | None = None, num_workers: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def raw_pixel_features(
+    dataset_or_loader: Dataset | Iterable,
+    *,
+    batch_size: int = 1024,
+    transform: Callable | None = None,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened pixels as features: ``(float32 [N, C*H*W], labels int64 [N])``.
 
     uint8 images are scaled to [0, 1]. Grayscale images stored as three equal channels (as
@@ -142,19 +171,22 @@ def raw_pixel_features(dataset_or_loader: Dataset | Iterable, *, batch_size: int
     if transform is None and isinstance(dataset_or_loader, ArrayDataset):
         # In-memory uint8 array: slice it directly instead of 60k __getitem__ calls.
         images = dataset_or_loader.images
-        chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+        chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
         labels = [dataset_or_loader.labels]
     else:
         if transform is None and is_map_dataset(dataset_or_loader):
             transform = _as_pixels
-        for images, y in iter_batches(dataset_or_loader, batch_size=batch_size, num_workers=num_workers,
-                                      transform=transform):
+        for images, y in iter_batches(
+            dataset_or_loader, batch_size=batch_size, num_workers=num_workers, transform=transform
+        ):
             chunks.append(images)  # kept in the stored dtype (uint8: 4x less memory until the end)
             labels.append(torch.as_tensor(y).reshape(-1).long())
     if not chunks:
         raise ValueError("raw_pixel_features: the data set is empty")
-    gray = all(x.ndim == 4 and x.shape[1] == 3 and torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
-               for x in chunks)
+    gray = all(
+        x.ndim == 4 and x.shape[1] == 3 and torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+        for x in chunks
+    )
     rows = []
     for x in chunks:
         x = x[:, :1] if gray else x
@@ -163,9 +195,17 @@ def raw_pixel_features(dataset_or_loader: Dataset | Iterable, *, batch_size: int
     return torch.cat(rows), torch.cat(labels)
 
 
-def raw_pixel_knn(memory: Dataset | Iterable, query: Dataset | Iterable, *, ks=(20,), temperature: float = 0.07,
-                  transform: Callable | None = None, batch_size: int = 1024, device: str | torch.device = "cpu",
-                  num_classes: int | None = None) -> dict[int, dict[str, float]]:
+def raw_pixel_knn(
+    memory: Dataset | Iterable,
+    query: Dataset | Iterable,
+    *,
+    ks=(20,),
+    temperature: float = 0.07,
+    transform: Callable | None = None,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+    num_classes: int | None = None,
+) -> dict[int, dict[str, float]]:
     """The raw-pixel baseline: `knn_classify` on bank-centered flattened pixels.
 
     ``memory`` / ``query``: data sets or loaders as for `extract_features`; images must share one
@@ -176,12 +216,21 @@ def raw_pixel_knn(memory: Dataset | Iterable, query: Dataset | Iterable, *, ks=(
     bank, bank_labels = raw_pixel_features(memory, batch_size=batch_size, transform=transform)
     queries, query_labels = raw_pixel_features(query, batch_size=batch_size, transform=transform)
     if bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"memory and query images differ in size ({bank.shape[1]} vs {queries.shape[1]} values); "
-                         f"pass a resizing transform")
+        raise ValueError(
+            f"memory and query images differ in size ({bank.shape[1]} vs {queries.shape[1]} values); "
+            f"pass a resizing transform"
+        )
     bank, queries = center_features(bank, queries)
-    return knn_classify(bank, bank_labels, queries, query_labels, ks=ks, temperature=temperature,
-                        num_classes=num_classes, device=device)
+    return knn_classify(
+        bank, bank_labels, queries, query_labels, ks=ks, temperature=temperature, num_classes=num_classes, device=device
+    )
 
 
-__all__ = ["batch_features", "extract_features", "iter_batches", "is_map_dataset", "raw_pixel_features",
-           "raw_pixel_knn"]
+__all__ = [
+    "batch_features",
+    "extract_features",
+    "iter_batches",
+    "is_map_dataset",
+    "raw_pixel_features",
+    "raw_pixel_knn",
+]

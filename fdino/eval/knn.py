@@ -25,9 +25,16 @@ PAPER_TEMPERATURE = 0.07
 
 
 @torch.no_grad()
-def knn_topk(bank: torch.Tensor, queries: torch.Tensor, k: int, *, query_chunk: int = 1024,
-             bank_chunk: int = 32768, device: str | torch.device = "cpu", normalize: bool = True
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_topk(
+    bank: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    *,
+    query_chunk: int = 1024,
+    bank_chunk: int = 32768,
+    device: str | torch.device = "cpu",
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarities and indices of each query's ``k`` nearest bank rows, best first.
 
     Args:
@@ -43,8 +50,10 @@ def knn_topk(bank: torch.Tensor, queries: torch.Tensor, k: int, *, query_chunk: 
     check_int("query_chunk", query_chunk, lo=1)
     check_int("bank_chunk", bank_chunk, lo=1)
     if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
-        raise ValueError(f"knn_topk needs bank [N, D] and queries [M, D] with the same D, got "
-                         f"{tuple(bank.shape)} and {tuple(queries.shape)}")
+        raise ValueError(
+            f"knn_topk needs bank [N, D] and queries [M, D] with the same D, got "
+            f"{tuple(bank.shape)} and {tuple(queries.shape)}"
+        )
     n, m = bank.shape[0], queries.shape[0]
     if n == 0:
         raise ValueError("knn_topk: the memory bank is empty")
@@ -55,14 +64,19 @@ def knn_topk(bank: torch.Tensor, queries: torch.Tensor, k: int, *, query_chunk: 
         return F.normalize(x, dim=1) if normalize else x
 
     starts = range(0, m, query_chunk)
-    best = [(torch.full((min(query_chunk, m - q0), 0), float("-inf"), device=device),
-             torch.zeros((min(query_chunk, m - q0), 0), dtype=torch.int64, device=device)) for q0 in starts]
+    best = [
+        (
+            torch.full((min(query_chunk, m - q0), 0), float("-inf"), device=device),
+            torch.zeros((min(query_chunk, m - q0), 0), dtype=torch.int64, device=device),
+        )
+        for q0 in starts
+    ]
     # Bank chunks outside, query chunks inside: the (large) bank crosses to the device once; the
     # query chunk is re-sent and re-normalized per bank chunk, which costs 1/bank_chunk of the matmul.
     for b0 in range(0, n, bank_chunk):
-        b = prep(bank[b0:b0 + bank_chunk])                                    # (bc, D)
+        b = prep(bank[b0 : b0 + bank_chunk])  # (bc, D)
         for j, q0 in enumerate(starts):
-            sims = prep(queries[q0:q0 + query_chunk]) @ b.T                   # (qc, bc)
+            sims = prep(queries[q0 : q0 + query_chunk]) @ b.T  # (qc, bc)
             s, i = sims.topk(min(k, b.shape[0]), dim=1)
             # Merge with the running top-k: the top-k of the union lies within the two lists.
             s = torch.cat([best[j][0], s], dim=1)
@@ -74,8 +88,9 @@ def knn_topk(bank: torch.Tensor, queries: torch.Tensor, k: int, *, query_chunk: 
     return torch.cat([s for s, _ in best]).cpu(), torch.cat([i for _, i in best]).cpu()
 
 
-def knn_vote(sims: torch.Tensor, neighbor_labels: torch.Tensor, k: int, *, temperature: float,
-             num_classes: int) -> torch.Tensor:
+def knn_vote(
+    sims: torch.Tensor, neighbor_labels: torch.Tensor, k: int, *, temperature: float, num_classes: int
+) -> torch.Tensor:
     """Class scores of the paper's weighted vote from the ``k`` first neighbours.
 
     Args:
@@ -97,7 +112,7 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     order = scores.argsort(dim=1, descending=True)
     hits = order == labels[:, None]
     m = max(len(labels), 1)
-    return {j: 100.0 * hits[:, :min(j, scores.shape[1])].any(dim=1).sum().item() / m for j in ks}
+    return {j: 100.0 * hits[:, : min(j, scores.shape[1])].any(dim=1).sum().item() / m for j in ks}
 
 
 def _check_labels(name: str, labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -105,16 +120,26 @@ def _check_labels(name: str, labels: torch.Tensor, n: int) -> torch.Tensor:
     if len(labels) != n:
         raise ValueError(f"{name} has {len(labels)} labels for {n} feature rows")
     if len(labels) and labels.min() < 0:
-        raise ValueError(f"{name} holds negative (unknown) labels; k-NN needs a labeled memory bank and "
-                         f"labeled queries (use the 'memory' and 'query' splits)")
+        raise ValueError(
+            f"{name} holds negative (unknown) labels; k-NN needs a labeled memory bank and "
+            f"labeled queries (use the 'memory' and 'query' splits)"
+        )
     return labels
 
 
-def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, *, ks: Sequence[int] = PAPER_KS,
-                 temperature: float = PAPER_TEMPERATURE, num_classes: int | None = None,
-                 query_chunk: int = 1024, bank_chunk: int = 32768,
-                 device: str | torch.device = "cpu") -> dict[int, dict[str, float]]:
+def knn_classify(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    ks: Sequence[int] = PAPER_KS,
+    temperature: float = PAPER_TEMPERATURE,
+    num_classes: int | None = None,
+    query_chunk: int = 1024,
+    bank_chunk: int = 32768,
+    device: str | torch.device = "cpu",
+) -> dict[int, dict[str, float]]:
     """The paper's weighted k-NN: top-1 / top-5 accuracy (%) of the queries for each k.
 
     Args:
@@ -137,8 +162,9 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     test_labels = _check_labels("test_labels", test_labels, len(test_feats))
     if num_classes is None:
         num_classes = int(max(train_labels.max(), test_labels.max() if len(test_labels) else 0)) + 1
-    sims, idx = knn_topk(train_feats, test_feats, max(ks), query_chunk=query_chunk, bank_chunk=bank_chunk,
-                         device=device)
+    sims, idx = knn_topk(
+        train_feats, test_feats, max(ks), query_chunk=query_chunk, bank_chunk=bank_chunk, device=device
+    )
     neighbor_labels = train_labels[idx]  # (M, K)
     results = {}
     for k in ks:
@@ -158,5 +184,4 @@ def center_features(train_feats: torch.Tensor, *others: torch.Tensor) -> tuple[t
     return (train_feats - mean,) + tuple(x - mean for x in others)
 
 
-__all__ = ["knn_topk", "knn_vote", "knn_classify", "topk_accuracy", "center_features", "PAPER_KS",
-           "PAPER_TEMPERATURE"]
+__all__ = ["knn_topk", "knn_vote", "knn_classify", "topk_accuracy", "center_features", "PAPER_KS", "PAPER_TEMPERATURE"]

@@ -55,8 +55,15 @@ def init_linear(dim: int, num_classes: int, *, seed: int = 0) -> tuple[torch.Ten
     return torch.randn(num_classes, dim, generator=g) * 0.01, torch.zeros(num_classes)
 
 
-def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], *,
-             lr: float, momentum: float, weight_decay: float = 0.0) -> None:
+def sgd_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    buffers: list[torch.Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+) -> None:
     """In-place SGD with momentum, PyTorch semantics (v <- m v + g + wd p; p <- p - lr v)."""
     for p, g, v in zip(params, grads, buffers):
         if weight_decay:
@@ -69,10 +76,20 @@ def _num_classes(*labels: torch.Tensor) -> int:
     return int(max(int(y.max()) for y in labels if len(y))) + 1
 
 
-def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, *, num_classes: int | None = None,
-                       epochs: int = 100, batch_size: int | None = 1024, lr: float | None = None,
-                       momentum: float = 0.9, weight_decay: float = 0.0, standardize: bool = True,
-                       seed: int = 0, device: str | torch.device = "cpu") -> LinearProbe:
+def train_linear_probe(
+    feats: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int | None = None,
+    epochs: int = 100,
+    batch_size: int | None = 1024,
+    lr: float | None = None,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    standardize: bool = True,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> LinearProbe:
     """Fit a linear classifier to cached features ``[N, D]`` with labels ``[N]`` in [0, C).
 
     ``batch_size=None`` trains full-batch (one step per epoch). ``lr`` defaults to 0.1 with
@@ -80,8 +97,9 @@ def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, *, num_classes
     """
     labels = torch.as_tensor(labels).long()
     if len(feats) != len(labels) or len(feats) == 0:
-        raise ValueError(f"train_linear_probe needs equally many features and labels, got {len(feats)} and "
-                         f"{len(labels)}")
+        raise ValueError(
+            f"train_linear_probe needs equally many features and labels, got {len(feats)} and {len(labels)}"
+        )
     if labels.min() < 0:
         raise ValueError("train_linear_probe needs labeled features (found negative labels)")
     num_classes = num_classes or _num_classes(labels)
@@ -102,14 +120,20 @@ def train_linear_probe(feats: torch.Tensor, labels: torch.Tensor, *, num_classes
     for _ in range(epochs):
         order = torch.randperm(n, generator=g).to(device) if bs < n else torch.arange(n, device=device)
         for start in range(0, n, bs):
-            idx = order[start:start + bs]
+            idx = order[start : start + bs]
             xb = (x[idx] - mean) / std
             # Closed-form gradient of the mean cross-entropy: (softmax - onehot) / B.
             err = torch.softmax(xb @ w.T + b, dim=1)
             err[torch.arange(len(idx), device=device), y[idx]] -= 1.0
             err /= len(idx)
-            sgd_step([w, b], [err.T @ xb, err.sum(dim=0)], buffers, lr=cosine_lr(step, total, lr),
-                     momentum=momentum, weight_decay=weight_decay)
+            sgd_step(
+                [w, b],
+                [err.T @ xb, err.sum(dim=0)],
+                buffers,
+                lr=cosine_lr(step, total, lr),
+                momentum=momentum,
+                weight_decay=weight_decay,
+            )
             step += 1
     # Fold the standardization in: w (x - m) / s + b = (w / s) x + (b - (w / s) m).
     w_raw = w / std
@@ -122,8 +146,13 @@ def probe_accuracy(probe: LinearProbe, feats: torch.Tensor, labels: torch.Tensor
     return {"top1": acc[1], "top5": acc[5]}
 
 
-def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                 test_labels: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
+def linear_probe(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Fast mode end to end: `train_linear_probe` on train, accuracy on test.
 
     Returns ``{"top1", "top5", "train_top1", "probe"}``; kwargs go to `train_linear_probe`.
@@ -150,7 +179,7 @@ class _EpochIndexSampler(Sampler[list[tuple[int, int]]]):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         for s in range(0, self.n, self.batch_size):
-            yield [(self.epoch, i) for i in order[s:s + self.batch_size]]
+            yield [(self.epoch, i) for i in order[s : s + self.batch_size]]
 
 
 class RandomCropFlipDataset(Dataset):
@@ -160,8 +189,16 @@ class RandomCropFlipDataset(Dataset):
     of (seed, epoch, i), so results do not depend on workers and no global RNG is touched.
     """
 
-    def __init__(self, source: Dataset, size: int, *, mean: Sequence[float], std: Sequence[float],
-                 scale: tuple[float, float] = (0.08, 1.0), seed: int = 0) -> None:
+    def __init__(
+        self,
+        source: Dataset,
+        size: int,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        scale: tuple[float, float] = (0.08, 1.0),
+        seed: int = 0,
+    ) -> None:
         self.source, self.size, self.scale, self.seed = source, size, scale, seed
         self.mean, self.std = list(mean), list(std)
 
@@ -181,8 +218,9 @@ class RandomCropFlipDataset(Dataset):
         x = as_uint8_chw(image)
         rng = random.Random(derive_seed(self.seed, "linear-probe", epoch, index))
         top, left, h, w = random_resized_crop_box(x.shape[-2], x.shape[-1], self.scale, rng)
-        x = TF.resized_crop(x, top, left, h, w, [self.size, self.size], interpolation=InterpolationMode.BICUBIC,
-                            antialias=True)
+        x = TF.resized_crop(
+            x, top, left, h, w, [self.size, self.size], interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
         if rng.random() < 0.5:
             x = TF.horizontal_flip(x)
         return TF.normalize(x.float().div_(255.0), self.mean, self.std), label
@@ -192,12 +230,27 @@ def _collate(samples):
     return torch.stack([s[0] for s in samples]), torch.tensor([int(s[1]) for s in samples])
 
 
-def linear_eval_images(backbone: nn.Module, train_data: Dataset, test_data: Dataset | Iterable, *,
-                       image_size: int, mean: Sequence[float], std: Sequence[float], epochs: int = 100,
-                       batch_size: int = 1024, lr: float | None = None, momentum: float = 0.9,
-                       n_last_blocks: int = 1, avgpool: bool = False, num_classes: int | None = None,
-                       device: str | torch.device = "cpu", num_workers: int = 0, seed: int = 0,
-                       crop_scale: tuple[float, float] = (0.08, 1.0), on_epoch=None) -> dict[str, Any]:
+def linear_eval_images(
+    backbone: nn.Module,
+    train_data: Dataset,
+    test_data: Dataset | Iterable,
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    epochs: int = 100,
+    batch_size: int = 1024,
+    lr: float | None = None,
+    momentum: float = 0.9,
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    seed: int = 0,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    on_epoch=None,
+) -> dict[str, Any]:
     """The paper's linear evaluation: train on augmented views through the frozen backbone.
 
     ``train_data``: map-style ``(image, label)`` data set (uint8 tensors or PIL images);
@@ -220,12 +273,16 @@ def linear_eval_images(backbone: nn.Module, train_data: Dataset, test_data: Data
         losses = []
         for images, labels in loader:
             with torch.no_grad():
-                feats = batch_features(backbone, images.to(device), n_last_blocks=n_last_blocks,
-                                       avgpool=avgpool).float()
+                feats = batch_features(
+                    backbone, images.to(device), n_last_blocks=n_last_blocks, avgpool=avgpool
+                ).float()
             labels = labels.to(device)
             if w is None:  # the feature width is known after the first batch
-                classes = num_classes or len(getattr(train_data, "classes", ())) or _num_classes(
-                    torch.as_tensor(getattr(train_data, "labels", labels)))
+                classes = (
+                    num_classes
+                    or len(getattr(train_data, "classes", ()))
+                    or _num_classes(torch.as_tensor(getattr(train_data, "labels", labels)))
+                )
                 w, b = (t.to(device) for t in init_linear(feats.shape[1], classes, seed=seed))
                 buffers = [torch.zeros_like(w), torch.zeros_like(b)]
             logits = feats @ w.T + b
@@ -233,18 +290,33 @@ def linear_eval_images(backbone: nn.Module, train_data: Dataset, test_data: Data
             err = torch.softmax(logits, dim=1)
             err[torch.arange(len(labels), device=device), labels] -= 1.0
             err /= len(labels)
-            sgd_step([w, b], [err.T @ feats, err.sum(dim=0)], buffers, lr=cosine_lr(step, total, lr),
-                     momentum=momentum)
+            sgd_step([w, b], [err.T @ feats, err.sum(dim=0)], buffers, lr=cosine_lr(step, total, lr), momentum=momentum)
             step += 1
         if on_epoch is not None:
             on_epoch(epoch, sum(losses) / max(len(losses), 1))
     transform = EvalTransform(image_size, mean=tuple(mean), std=tuple(std)) if is_map_dataset(test_data) else None
-    test_feats, test_labels = extract_features(backbone, test_data, batch_size=batch_size, device=device,
-                                               n_last_blocks=n_last_blocks, avgpool=avgpool,
-                                               num_workers=num_workers, transform=transform)
+    test_feats, test_labels = extract_features(
+        backbone,
+        test_data,
+        batch_size=batch_size,
+        device=device,
+        n_last_blocks=n_last_blocks,
+        avgpool=avgpool,
+        num_workers=num_workers,
+        transform=transform,
+    )
     probe = LinearProbe(w.cpu(), b.cpu())
     return {**probe_accuracy(probe, test_feats, test_labels), "probe": probe}
 
 
-__all__ = ["LinearProbe", "train_linear_probe", "probe_accuracy", "linear_probe", "linear_eval_images",
-           "RandomCropFlipDataset", "cosine_lr", "init_linear", "sgd_step"]
+__all__ = [
+    "LinearProbe",
+    "train_linear_probe",
+    "probe_accuracy",
+    "linear_probe",
+    "linear_eval_images",
+    "RandomCropFlipDataset",
+    "cosine_lr",
+    "init_linear",
+    "sgd_step",
+]

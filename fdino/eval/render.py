@@ -26,8 +26,9 @@ def cell_scale(side: int, min_cell: int = MIN_CELL) -> int:
     return max(1, math.ceil(min_cell / max(int(side), 1)))
 
 
-def grid_size(rows: int, cols: int, cell: int | tuple[int, int], *, pad: int = 2, captions: bool = False
-              ) -> tuple[int, int]:
+def grid_size(
+    rows: int, cols: int, cell: int | tuple[int, int], *, pad: int = 2, captions: bool = False
+) -> tuple[int, int]:
     """``(height, width)`` in pixels of a grid written by `save_grid`."""
     ch, cw = (cell, cell) if isinstance(cell, int) else cell
     band = CAPTION if captions else 0
@@ -66,8 +67,14 @@ def normalize_max(x: torch.Tensor) -> torch.Tensor:
     return x / peak.clamp_min(1e-12)
 
 
-def save_grid(cells: Sequence[Sequence[torch.Tensor | None]], path: str | Path, *, pad: int = 2,
-              captions: Sequence[Sequence[str]] | None = None, background: float = 1.0) -> Path:
+def save_grid(
+    cells: Sequence[Sequence[torch.Tensor | None]],
+    path: str | Path,
+    *,
+    pad: int = 2,
+    captions: Sequence[Sequence[str]] | None = None,
+    background: float = 1.0,
+) -> Path:
     """Tile RGB cells ``[3, h, w]`` in [0, 1] (rows of equal length; None leaves a blank) into a PNG.
 
     All cells are placed in slots of the largest cell's size; ``captions[r][c]`` is written
@@ -87,7 +94,7 @@ def save_grid(cells: Sequence[Sequence[torch.Tensor | None]], path: str | Path, 
             if cell is None:
                 continue
             top, left = pad + r * (ch + band + pad), pad + c * (cw + pad)
-            canvas[:, top:top + cell.shape[-2], left:left + cell.shape[-1]] = cell.float().clamp(0.0, 1.0)
+            canvas[:, top : top + cell.shape[-2], left : left + cell.shape[-1]] = cell.float().clamp(0.0, 1.0)
     array = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     from PIL import Image, ImageDraw  # noqa: PLC0415
 
@@ -105,5 +112,14 @@ def save_grid(cells: Sequence[Sequence[torch.Tensor | None]], path: str | Path, 
     return path
 
 
-__all__ = ["cell_scale", "grid_size", "denormalize", "enlarge", "colormap", "normalize_max", "save_grid",
-           "CAPTION", "MIN_CELL"]
+__all__ = [
+    "cell_scale",
+    "grid_size",
+    "denormalize",
+    "enlarge",
+    "colormap",
+    "normalize_max",
+    "save_grid",
+    "CAPTION",
+    "MIN_CELL",
+]

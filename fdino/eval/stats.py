@@ -40,8 +40,11 @@ def representation_stats(features: torch.Tensor) -> dict[str, float]:
     else:
         p = singular / total
         effective_rank = float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
-    return {"mean_cosine": float(mean_cosine), "normalized_std": float(normalized_std),
-            "effective_rank": effective_rank}
+    return {
+        "mean_cosine": float(mean_cosine),
+        "normalized_std": float(normalized_std),
+        "effective_rank": effective_rank,
+    }
 
 
 __all__ = ["representation_stats"]

@@ -27,8 +27,9 @@ def squared_distances(x: torch.Tensor) -> torch.Tensor:
     return d
 
 
-def conditional_affinities(dist2: torch.Tensor, perplexity: float, *, iters: int = 100,
-                           tol: float = 1e-5) -> torch.Tensor:
+def conditional_affinities(
+    dist2: torch.Tensor, perplexity: float, *, iters: int = 100, tol: float = 1e-5
+) -> torch.Tensor:
     """Rows p_{j|i} = exp(-beta_i d_ij) / Z_i whose entropy is log(perplexity), all rows at once.
 
     Bisection on log(beta_i) (the entropy falls monotonically as beta grows), vectorized over
@@ -45,18 +46,18 @@ def conditional_affinities(dist2: torch.Tensor, perplexity: float, *, iters: int
     d = (d - d.min(dim=1, keepdim=True).values).float().fill_diagonal_(0.0)  # the diagonal is masked below
     finite = d[~torch.eye(n, dtype=torch.bool, device=d.device)]
     target = math.log(perplexity)
-    lo = torch.full((n, 1), -60.0, dtype=torch.float64, device=d.device)   # log(beta) bracket
+    lo = torch.full((n, 1), -60.0, dtype=torch.float64, device=d.device)  # log(beta) bracket
     hi = torch.full((n, 1), 60.0, dtype=torch.float64, device=d.device)
     log_beta = torch.full_like(lo, -math.log(max(finite.mean().item(), 1e-12)))  # beta ~ 1 / mean distance
     for _ in range(iters):
         beta = log_beta.exp()
-        e = torch.exp(d * -beta.float()).fill_diagonal_(0.0)                 # p_{i|i} = 0
+        e = torch.exp(d * -beta.float()).fill_diagonal_(0.0)  # p_{i|i} = 0
         z = e.sum(dim=1, keepdim=True, dtype=torch.float64)
         mean_d = (e * d).sum(dim=1, keepdim=True, dtype=torch.float64) / z
         entropy = z.log() + beta * mean_d
         if (entropy - target).abs().max() < tol:
             break
-        too_flat = entropy > target                                          # sharpen: raise beta
+        too_flat = entropy > target  # sharpen: raise beta
         lo = torch.where(too_flat, log_beta, lo)
         hi = torch.where(too_flat, hi, log_beta)
         log_beta = (lo + hi) / 2
@@ -70,9 +71,17 @@ def joint_affinities(x: torch.Tensor, perplexity: float) -> torch.Tensor:
     return p.clamp_min_(1e-12).fill_diagonal_(0.0)
 
 
-def tsne(x: torch.Tensor, *, dim: int = 2, perplexity: float = 30.0, iters: int = 750,
-         exaggeration: float = 12.0, exaggeration_iters: int = 250, learning_rate: float | None = None,
-         init: torch.Tensor | None = None) -> torch.Tensor:
+def tsne(
+    x: torch.Tensor,
+    *,
+    dim: int = 2,
+    perplexity: float = 30.0,
+    iters: int = 750,
+    exaggeration: float = 12.0,
+    exaggeration_iters: int = 250,
+    learning_rate: float | None = None,
+    init: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Exact t-SNE embedding ``[N, D] -> [N, dim]`` (float32, CPU or x's device).
 
     Deterministic: the initialization is PCA (or ``init``), there is no other randomness.
@@ -97,10 +106,10 @@ def tsne(x: torch.Tensor, *, dim: int = 2, perplexity: float = 30.0, iters: int 
         momentum = 0.5 if it < exaggeration_iters else 0.8
         sq = (y * y).sum(dim=1)
         num = torch.addmm(sq[:, None] + (sq[None, :] + 1.0), y, y.T, alpha=-2.0)  # 1 + |y_i - y_j|^2
-        num.clamp_min_(1.0).reciprocal_().fill_diagonal_(0.0)                # Student-t kernel (N, N)
+        num.clamp_min_(1.0).reciprocal_().fill_diagonal_(0.0)  # Student-t kernel (N, N)
         z = num.sum()
-        w = (p * num).mul_(exag).sub_(num.mul_(num).div_(z))                  # (exag P - Q) * num
-        grad = 4.0 * (w.sum(dim=1, keepdim=True) * y - w @ y)               # dC/dy_i = 4 sum_j w_ij (y_i - y_j)
+        w = (p * num).mul_(exag).sub_(num.mul_(num).div_(z))  # (exag P - Q) * num
+        grad = 4.0 * (w.sum(dim=1, keepdim=True) * y - w @ y)  # dC/dy_i = 4 sum_j w_ij (y_i - y_j)
         # Delta-bar-delta gains: grow where the step keeps its direction, shrink where it flips.
         same = (grad > 0) == (velocity > 0)
         gains = torch.where(same, gains * 0.8, gains + 0.2).clamp_min_(0.01)

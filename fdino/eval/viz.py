@@ -33,8 +33,8 @@ def pca(x: torch.Tensor, k: int = 2) -> torch.Tensor:
     k = min(k, x.shape[1])
     centered = x.double() - x.double().mean(dim=0)
     if x.shape[1] <= 2048:
-        _, vectors = torch.linalg.eigh(centered.T @ centered)   # ascending eigenvalues
-        basis = vectors.flip(-1)[:, :k]                          # (D, k)
+        _, vectors = torch.linalg.eigh(centered.T @ centered)  # ascending eigenvalues
+        basis = vectors.flip(-1)[:, :k]  # (D, k)
     else:
         _, _, v = torch.pca_lowrank(centered, q=min(k + 8, *centered.shape), center=False, niter=6)
         basis = v[:, :k]
@@ -51,8 +51,15 @@ def subsample(n: int, max_points: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=g)[:max_points].sort().values
 
 
-def save_scatter(points: torch.Tensor, labels: torch.Tensor | None, path: str | Path, *, title: str = "",
-                 class_names: Sequence[str] | None = None, size_px: int = 800) -> Path:
+def save_scatter(
+    points: torch.Tensor,
+    labels: torch.Tensor | None,
+    path: str | Path,
+    *,
+    title: str = "",
+    class_names: Sequence[str] | None = None,
+    size_px: int = 800,
+) -> Path:
     """A 2-D scatter plot ``points [N, 2]`` coloured by ``labels [N]`` (-1: grey, unlabeled) as PNG."""
     import matplotlib  # noqa: PLC0415
 
@@ -94,7 +101,7 @@ def patch_tokens(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     was_training = backbone.training
     backbone.eval()
     try:
-        (tokens,) = backbone.get_intermediate_layers(images, n=1, norm=True)   # (N, L, D), prefix removed
+        (tokens,) = backbone.get_intermediate_layers(images, n=1, norm=True)  # (N, L, D), prefix removed
     finally:
         backbone.train(was_training)
     h, w = backbone.patch_embed.dynamic_feat_size(tuple(images.shape[-2:]))
@@ -130,8 +137,16 @@ def patch_pca_rgb(tokens: torch.Tensor, *, foreground: bool = False) -> torch.Te
     return rgb.reshape(n, h, w, 3).permute(0, 3, 1, 2)
 
 
-def save_patch_pca(backbone: nn.Module, images: torch.Tensor, path: str | Path, *, mean: Sequence[float],
-                   std: Sequence[float], foreground: bool = False, min_cell: int = 96) -> Path:
+def save_patch_pca(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    path: str | Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    foreground: bool = False,
+    min_cell: int = 96,
+) -> Path:
     """PNG with two rows: the images, and their patch-feature PCA as RGB under each one."""
     rgb = patch_pca_rgb(patch_tokens(backbone, images).cpu(), foreground=foreground)
     pixels = denormalize(images, mean, std)

@@ -13,6 +13,15 @@ from .onnx_export import OnnxBackbone, OnnxCheck, check_shapes, compare_onnx, ex
 from .quantize import Int8Report, compare_int8, quantize_torch, time_forward
 
 __all__ = [
-    "Int8Report", "OnnxBackbone", "OnnxCheck", "check_shapes", "compare_int8", "compare_onnx", "export_onnx",
-    "onnx_session", "quantize_onnx", "quantize_torch", "time_forward",
+    "Int8Report",
+    "OnnxBackbone",
+    "OnnxCheck",
+    "check_shapes",
+    "compare_int8",
+    "compare_onnx",
+    "export_onnx",
+    "onnx_session",
+    "quantize_onnx",
+    "quantize_torch",
+    "time_forward",
 ]

@@ -22,49 +22,85 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_knn_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default="shapes10", help="data set for the k-NN comparison: a built-in name or an "
-                                                      "image folder (default: shapes10, the built-in 32 px set)")
-    p.add_argument("--n-memory", type=int, default=None, help="use the first N memory-bank (train) images "
-                                                              "(default: all; bound it for large models on a CPU)")
+    p.add_argument(
+        "--data",
+        default="shapes10",
+        help="data set for the k-NN comparison: a built-in name or an "
+        "image folder (default: shapes10, the built-in 32 px set)",
+    )
+    p.add_argument(
+        "--n-memory",
+        type=int,
+        default=None,
+        help="use the first N memory-bank (train) images (default: all; bound it for large models on a CPU)",
+    )
     p.add_argument("--n-query", type=int, default=None, help="use the first N query (test) images (default: all)")
     p.add_argument("--k", type=int, default=20, help="neighbours of the weighted k-NN vote (default: 20, as the paper)")
     p.add_argument("--bench-batch", type=int, default=64, help="images per timed forward (default: 64)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime alike "
-                                                             "(default: PyTorch's current setting)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for PyTorch and ONNX Runtime alike (default: PyTorch's current setting)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` and ``quantize`` subcommands."""
     p = subparsers.add_parser(
-        "export", help="export the backbone to safetensors (+ JSON config) and ONNX, verified with onnxruntime",
+        "export",
+        help="export the backbone to safetensors (+ JSON config) and ONNX, verified with onnxruntime",
         description="Export a trained backbone (the teacher by default) to safetensors with its config in the "
-                    "metadata and a sidecar .json, and to ONNX (dynamic batch; dynamic image size for CNNs and "
-                    "ViTs built with dynamic_img_size). The ONNX model is run with onnxruntime on the CPU and its "
-                    "features compared with PyTorch (cosine >= 0.9999 or the command fails). --int8 also writes "
-                    "a dynamically quantized int8 ONNX model and measures its k-NN top-1 change and speed-up.")
+        "metadata and a sidecar .json, and to ONNX (dynamic batch; dynamic image size for CNNs and "
+        "ViTs built with dynamic_img_size). The ONNX model is run with onnxruntime on the CPU and its "
+        "features compared with PyTorch (cosine >= 0.9999 or the command fails). --int8 also writes "
+        "a dynamically quantized int8 ONNX model and measures its k-NN top-1 change and speed-up.",
+    )
     _add_source_args(p)
-    p.add_argument("--out", type=Path, default=None,
-                   help="output folder (default: RUN_DIR/export for run folders, else SOURCE_STEM-export beside it)")
-    p.add_argument("--formats", default="safetensors,onnx",
-                   help="comma-separated subset of safetensors,onnx (default: both)")
-    p.add_argument("--fixed-size", action="store_true", help="fix H and W (the model's input size, --img-size) in the ONNX graph; the batch stays dynamic")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: RUN_DIR/export for run folders, else SOURCE_STEM-export beside it)",
+    )
+    p.add_argument(
+        "--formats", default="safetensors,onnx", help="comma-separated subset of safetensors,onnx (default: both)"
+    )
+    p.add_argument(
+        "--fixed-size",
+        action="store_true",
+        help="fix H and W (the model's input size, --img-size) in the ONNX graph; the batch stays dynamic",
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's choice)")
-    p.add_argument("--int8", action="store_true", help="also write backbone.int8.onnx (onnxruntime dynamic int8) "
-                                                       "and print its k-NN top-1 change and speed-up")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write backbone.int8.onnx (onnxruntime dynamic int8) and print its k-NN top-1 change and speed-up",
+    )
     _add_knn_args(p)
     p.set_defaults(func=run_export)
 
     q = subparsers.add_parser(
-        "quantize", help="dynamic int8 quantization for CPU inference: k-NN top-1 change and speed-up",
+        "quantize",
+        help="dynamic int8 quantization for CPU inference: k-NN top-1 change and speed-up",
         description="Quantize the Linear layers to int8 (dynamic quantization: int8 weights, activations "
-                    "quantized at run time) and compare with fp32 on a data set: weighted k-NN top-1 and the "
-                    "time of one forward. Backends: onnxruntime (quantizes the ONNX export; the one to deploy) "
-                    "and torch (torch.ao.quantization.quantize_dynamic, deprecated in PyTorch but working).")
+        "quantized at run time) and compare with fp32 on a data set: weighted k-NN top-1 and the "
+        "time of one forward. Backends: onnxruntime (quantizes the ONNX export; the one to deploy) "
+        "and torch (torch.ao.quantization.quantize_dynamic, deprecated in PyTorch but working).",
+    )
     _add_source_args(q)
-    q.add_argument("--backend", choices=("onnxruntime", "torch", "both"), default="both",
-                   help="quantization backend(s) to measure (default: both)")
-    q.add_argument("--out", type=Path, default=None, help="folder for the fp32 and int8 ONNX files (default: a "
-                                                          "temporary folder, deleted afterwards)")
+    q.add_argument(
+        "--backend",
+        choices=("onnxruntime", "torch", "both"),
+        default="both",
+        help="quantization backend(s) to measure (default: both)",
+    )
+    q.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the fp32 and int8 ONNX files (default: a temporary folder, deleted afterwards)",
+    )
     _add_knn_args(q)
     q.set_defaults(func=run_quantize)
 
@@ -88,7 +124,9 @@ def _missing_extras() -> list[str]:
 def _extras_error() -> int | None:
     missing = _missing_extras()
     if missing:
-        return _err(f"ONNX export needs the 'export' extras (missing: {', '.join(missing)}): pip install 'fdino[export]'")
+        return _err(
+            f"ONNX export needs the 'export' extras (missing: {', '.join(missing)}): pip install 'fdino[export]'"
+        )
     return None
 
 
@@ -134,8 +172,10 @@ def _export_and_check(loaded, out: Path, threads: int, *, dynamic: bool = True, 
     check = compare_onnx(backbone, onnx_model, check_shapes(backbone, size, dynamic))
     verdict = "ok" if check.ok else "FAILED"
     print(f"onnx: {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    print(f"onnx check (onnxruntime CPU vs PyTorch, inputs {', '.join('x'.join(map(str, s)) for s in check.shapes)}): "
-          f"min cosine {check.min_cosine:.7f} (>= 0.9999: {verdict}), max |diff| {check.max_abs_diff:.2e}")
+    print(
+        f"onnx check (onnxruntime CPU vs PyTorch, inputs {', '.join('x'.join(map(str, s)) for s in check.shapes)}): "
+        f"min cosine {check.min_cosine:.7f} (>= 0.9999: {verdict}), max |diff| {check.max_abs_diff:.2e}"
+    )
     return path, check, onnx_model
 
 
@@ -172,8 +212,7 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"safetensors: {st} ({st.stat().st_size / 1e6:.2f} MB), config: {sidecar}")
     status = 0
     if "onnx" in formats:
-        path, check, onnx_fp32 = _export_and_check(loaded, out, threads, dynamic=not args.fixed_size,
-                                                   opset=args.opset)
+        path, check, onnx_fp32 = _export_and_check(loaded, out, threads, dynamic=not args.fixed_size, opset=args.opset)
         status = 0 if check.ok else 1
         if args.int8:
             status = max(status, _int8_onnxruntime(loaded, path, onnx_fp32, args, threads))
@@ -188,9 +227,20 @@ def _int8_onnxruntime(loaded, fp32_path: Path, onnx_fp32, args: argparse.Namespa
     print(f"int8 onnx: {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB)")
     onnx_int8 = OnnxBackbone(onnx_session(int8_path, threads=threads), loaded.backbone.num_features)
     memory, query, transform = _knn_data(args, loaded)
-    report = compare_int8(onnx_fp32, onnx_int8, memory, query, transform=transform, backend="onnxruntime",
-                          k=args.k, bench_batch=args.bench_batch)
-    print(f"{report.summary()} [{args.data}: {len(memory)} memory / {len(query)} query images, {threads} thread{'s' if threads != 1 else ''}]")
+    report = compare_int8(
+        onnx_fp32,
+        onnx_int8,
+        memory,
+        query,
+        transform=transform,
+        backend="onnxruntime",
+        k=args.k,
+        bench_batch=args.bench_batch,
+    )
+    plural = "s" if threads != 1 else ""
+    print(
+        f"{report.summary()} [{args.data}: {len(memory)} memory / {len(query)} query images, {threads} thread{plural}]"
+    )
     return 0
 
 
@@ -201,8 +251,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     if loaded is None:
         return 2
     backends = ("onnxruntime", "torch") if args.backend == "both" else (args.backend,)
-    print(f"model: {loaded.info.arch} ({loaded.info.which}), input {loaded.info.image_size} px; "
-          f"{args.data}, {threads} thread{'s' if threads != 1 else ''}")
+    print(
+        f"model: {loaded.info.arch} ({loaded.info.which}), input {loaded.info.image_size} px; "
+        f"{args.data}, {threads} thread{'s' if threads != 1 else ''}"
+    )
     status = 0
     if "onnxruntime" in backends:
         with tempfile.TemporaryDirectory(prefix="fdino-quantize-") as tmp:
@@ -222,8 +274,9 @@ def run_quantize(args: argparse.Namespace) -> int:
             return 1
         print("torch int8: torch.ao.quantization.quantize_dynamic (deprecated upstream; use onnxruntime to deploy)")
         memory, query, transform = _knn_data(args, loaded)
-        report = compare_int8(backbone, int8, memory, query, transform=transform, backend="torch", k=args.k,
-                              bench_batch=args.bench_batch)
+        report = compare_int8(
+            backbone, int8, memory, query, transform=transform, backend="torch", k=args.k, bench_batch=args.bench_batch
+        )
         print(f"{report.summary()} [{len(memory)} memory / {len(query)} query images]")
     return status
 

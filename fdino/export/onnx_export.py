@@ -43,8 +43,9 @@ def size_step(backbone: nn.Module) -> int:
     return int(backbone.patch_embed.patch_size[0]) if is_vit(backbone) else 32
 
 
-def export_onnx(backbone: nn.Module, path: str | Path, *, image_size: int, dynamic_size: bool = True,
-                opset: int | None = None) -> Path:
+def export_onnx(
+    backbone: nn.Module, path: str | Path, *, image_size: int, dynamic_size: bool = True, opset: int | None = None
+) -> Path:
     """Write ``backbone`` as a single-file ONNX model with a dynamic batch axis.
 
     Args:
@@ -66,8 +67,18 @@ def export_onnx(backbone: nn.Module, path: str | Path, *, image_size: int, dynam
         # The exporter prints progress and warns about its own internals: keep the core quiet.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(backbone, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamo=True, dynamic_shapes=(axes,), external_data=False, verbose=False, **kwargs)
+            torch.onnx.export(
+                backbone,
+                (example,),
+                str(path),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamo=True,
+                dynamic_shapes=(axes,),
+                external_data=False,
+                verbose=False,
+                **kwargs,
+            )
     finally:
         backbone.train(was_training)
     return path
@@ -126,8 +137,9 @@ def check_shapes(backbone: nn.Module, image_size: int, dynamic_size: bool) -> li
 
 
 @torch.no_grad()
-def compare_onnx(backbone: nn.Module, onnx_model: nn.Module, shapes: Sequence[Sequence[int]], *,
-                 seed: int = 0) -> OnnxCheck:
+def compare_onnx(
+    backbone: nn.Module, onnx_model: nn.Module, shapes: Sequence[Sequence[int]], *, seed: int = 0
+) -> OnnxCheck:
     """Features of ``backbone`` (PyTorch) and ``onnx_model`` (e.g. `OnnxBackbone`) on random inputs."""
     gen = torch.Generator().manual_seed(seed)
     was_training = backbone.training
@@ -140,7 +152,9 @@ def compare_onnx(backbone: nn.Module, onnx_model: nn.Module, shapes: Sequence[Se
             ref = backbone(x.to(device)).float().cpu()
             out = onnx_model(x).float()
             if out.shape != ref.shape:
-                raise ValueError(f"ONNX output {tuple(out.shape)} != PyTorch output {tuple(ref.shape)} for input {shape}")
+                raise ValueError(
+                    f"ONNX output {tuple(out.shape)} != PyTorch output {tuple(ref.shape)} for input {shape}"
+                )
             cos.append(F.cosine_similarity(ref, out, dim=1).min().item())
             diff.append((ref - out).abs().max().item())
     finally:
@@ -168,5 +182,17 @@ def quantize_onnx(src: str | Path, dst: str | Path) -> Path:
     return dst
 
 
-__all__ = ["MIN_COSINE", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "onnx_session", "OnnxBackbone", "OnnxCheck",
-           "check_shapes", "compare_onnx", "quantize_onnx", "supports_dynamic_size", "size_step"]
+__all__ = [
+    "MIN_COSINE",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "export_onnx",
+    "onnx_session",
+    "OnnxBackbone",
+    "OnnxCheck",
+    "check_shapes",
+    "compare_onnx",
+    "quantize_onnx",
+    "supports_dynamic_size",
+    "size_step",
+]

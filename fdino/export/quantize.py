@@ -29,8 +29,10 @@ def quantize_torch(backbone: nn.Module) -> nn.Module:
     """A copy of ``backbone`` with every ``nn.Linear`` replaced by a dynamic int8 Linear (CPU only)."""
     quant = getattr(getattr(torch, "ao", None), "quantization", None)
     if quant is None or not hasattr(quant, "quantize_dynamic"):
-        raise RuntimeError("torch.ao.quantization.quantize_dynamic is not available in this PyTorch; "
-                           "use the 'onnxruntime' backend (fdino quantize --backend onnxruntime)")
+        raise RuntimeError(
+            "torch.ao.quantization.quantize_dynamic is not available in this PyTorch; "
+            "use the 'onnxruntime' backend (fdino quantize --backend onnxruntime)"
+        )
     model = copy.deepcopy(backbone).cpu().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # documented above; said once in the CLI
@@ -39,8 +41,9 @@ def quantize_torch(backbone: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def time_forward(model: Callable[[torch.Tensor], Any], images: torch.Tensor, *, repeats: int = 5,
-                 warmup: int = 1) -> float:
+def time_forward(
+    model: Callable[[torch.Tensor], Any], images: torch.Tensor, *, repeats: int = 5, warmup: int = 1
+) -> float:
     """Seconds per forward of ``images``: the best of ``repeats`` timed calls after ``warmup``.
 
     The minimum is the least noisy estimate on a shared machine (interference only adds time).
@@ -84,15 +87,27 @@ class Int8Report(NamedTuple):
         return self.seconds_fp32 / self.seconds_int8
 
     def summary(self) -> str:
-        return (f"int8 ({self.backend}): k-NN top-1 (k={self.k}) {self.top1_fp32:.2f}% fp32 -> {self.top1_int8:.2f}% "
-                f"int8 (change {self.top1_change:+.2f} points); feature cosine >= {self.min_cosine:.4f}; forward of "
-                f"{self.batch} images {1e3 * self.seconds_fp32:.1f} ms fp32 -> {1e3 * self.seconds_int8:.1f} ms int8 "
-                f"(speed-up x{self.speedup:.2f})")
+        return (
+            f"int8 ({self.backend}): k-NN top-1 (k={self.k}) {self.top1_fp32:.2f}% fp32 -> {self.top1_int8:.2f}% "
+            f"int8 (change {self.top1_change:+.2f} points); feature cosine >= {self.min_cosine:.4f}; forward of "
+            f"{self.batch} images {1e3 * self.seconds_fp32:.1f} ms fp32 -> {1e3 * self.seconds_int8:.1f} ms int8 "
+            f"(speed-up x{self.speedup:.2f})"
+        )
 
 
-def compare_int8(fp32: nn.Module, int8: nn.Module, memory: Any, query: Any, *, transform: Callable | None,
-                 backend: str, k: int = 20, batch_size: int = 256, bench_batch: int = 64,
-                 repeats: int = 5) -> Int8Report:
+def compare_int8(
+    fp32: nn.Module,
+    int8: nn.Module,
+    memory: Any,
+    query: Any,
+    *,
+    transform: Callable | None,
+    backend: str,
+    k: int = 20,
+    batch_size: int = 256,
+    bench_batch: int = 64,
+    repeats: int = 5,
+) -> Int8Report:
     """k-NN top-1 of both models (memory bank and queries from ``memory`` / ``query``) and the best
     forward time of a ``bench_batch``-image query batch.
 

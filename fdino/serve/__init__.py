@@ -21,5 +21,20 @@ def create_app(service: FeatureService):
     return _create_app(service)
 
 
-__all__ = ["BackgroundServer", "BatchQueue", "FeatureService", "FileStat", "FolderIndex", "RefreshResult", "ServiceConfig", "UploadError",
-           "create_app", "decode_image", "default_cache_path", "fingerprint", "free_port", "model_key", "scan_folder"]
+__all__ = [
+    "BackgroundServer",
+    "BatchQueue",
+    "FeatureService",
+    "FileStat",
+    "FolderIndex",
+    "RefreshResult",
+    "ServiceConfig",
+    "UploadError",
+    "create_app",
+    "decode_image",
+    "default_cache_path",
+    "fingerprint",
+    "free_port",
+    "model_key",
+    "scan_folder",
+]

@@ -37,11 +37,24 @@ class BodyLimit:
         self.upload_limit = int(upload_limit if upload_limit is not None else max_bytes)
 
     async def _reply_413(self, send, size: str) -> None:
-        body = json.dumps(error_body(413, f"upload too large: a request body of {size}; uploads are limited to "
-                                          f"{self.upload_limit} bytes ({self.upload_limit / 2**20:.1f} MiB)")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        body = json.dumps(
+            error_body(
+                413,
+                f"upload too large: a request body of {size}; uploads are limited to "
+                f"{self.upload_limit} bytes ({self.upload_limit / 2**20:.1f} MiB)",
+            )
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send) -> None:
@@ -147,8 +160,11 @@ def create_app(service: FeatureService):
     async def read_upload(file: UploadFile) -> bytes:
         data = await file.read(limit + 1)
         if len(data) > limit:
-            raise UploadError(413, f"upload too large: the file has more than {limit} bytes; uploads are limited "
-                                   f"to {limit} bytes ({limit / 2**20:.1f} MiB)")
+            raise UploadError(
+                413,
+                f"upload too large: the file has more than {limit} bytes; uploads are limited "
+                f"to {limit} bytes ({limit / 2**20:.1f} MiB)",
+            )
         return data
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -165,8 +181,9 @@ def create_app(service: FeatureService):
         return {"dim": int(feature.numel()), "feature": feature.tolist()}
 
     @app.post("/search")
-    async def search(file: UploadFile = File(..., description="an image file"),
-                     k: int = Form(8, description="number of results")):
+    async def search(
+        file: UploadFile = File(..., description="an image file"), k: int = Form(8, description="number of results")
+    ):
         results = await service.search(await read_upload(file), k)
         return {"k": k, "images": len(service.index) if service.index is not None else 0, "results": results}
 

@@ -21,8 +21,14 @@ import torch
 class BatchQueue:
     """Group concurrent single-item requests into batched calls of ``fn``."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], *, executor: Executor, max_batch: int = 32,
-                 max_wait_ms: float = 5.0) -> None:
+    def __init__(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        executor: Executor,
+        max_batch: int = 32,
+        max_wait_ms: float = 5.0,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is invalid: allowed an integer >= 1")
         if max_wait_ms < 0:

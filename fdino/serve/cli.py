@@ -11,26 +11,39 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` subcommand."""
     p = subparsers.add_parser(
-        "serve", help="HTTP feature service with a search page: embed, search a folder of images, attention maps",
+        "serve",
+        help="HTTP feature service with a search page: embed, search a folder of images, attention maps",
         description="Serve a frozen backbone over HTTP (FastAPI + uvicorn; pip install 'fdino[serve]'). The images "
-                    "folder is embedded once and cached on disk (keyed on file paths, sizes and modification "
-                    "times; changed files are re-embedded on the next search). Endpoints: GET / (search page), "
-                    "GET /health, POST /embed, POST /search, POST /attention (ViTs), GET /images/PATH. Concurrent "
-                    "requests are batched into one forward pass.")
+        "folder is embedded once and cached on disk (keyed on file paths, sizes and modification "
+        "times; changed files are re-embedded on the next search). Endpoints: GET / (search page), "
+        "GET /health, POST /embed, POST /search, POST /attention (ViTs), GET /images/PATH. Concurrent "
+        "requests are batched into one forward pass.",
+    )
     from ..weights.cli_args import add_model_arguments  # noqa: PLC0415
 
     add_model_arguments(p, dest="source")
     p.add_argument("--images", type=Path, default=None, help="folder of images to index and search (recursive)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only; "
-                                                       "0.0.0.0 exposes the service to the network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes the service to the network)",
+    )
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--cache-dir", type=Path, default=None, help="index cache folder (default: ~/.cache/fdino/serve)")
     p.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward (default: 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to batch with (default: 5 ms)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long a request waits for others to batch with (default: 5 ms)",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default: 10)")
-    p.add_argument("--refresh-interval", type=float, default=2.0,
-                   help="seconds between checks of the images folder for changes (default: 2)")
+    p.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=2.0,
+        help="seconds between checks of the images folder for changes (default: 2)",
+    )
     p.add_argument("--threads", type=int, default=None, help="PyTorch CPU threads (default: PyTorch's setting)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     p.set_defaults(func=run_serve)
@@ -42,11 +55,16 @@ def build_service(args: argparse.Namespace):
     from .service import FeatureService, ServiceConfig  # noqa: PLC0415
 
     loaded = model_from_args(args, dest="source", device=args.device)
-    config = ServiceConfig(max_upload_bytes=int(args.max_upload_mb * 2**20), max_batch=args.max_batch,
-                           max_wait_ms=args.max_wait_ms, refresh_interval=args.refresh_interval)
+    config = ServiceConfig(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        refresh_interval=args.refresh_interval,
+    )
     model_info = model_args_record(args, str(Path(args.source).resolve()))
-    return FeatureService(loaded, args.images, arch=loaded.info.arch, config=config, cache_dir=args.cache_dir,
-                          model_info=model_info)
+    return FeatureService(
+        loaded, args.images, arch=loaded.info.arch, config=config, cache_dir=args.cache_dir, model_info=model_info
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -55,8 +73,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
         from .app import create_app  # noqa: PLC0415
     except ImportError as e:
-        print(f"error: fdino serve needs the 'serve' extras ({e.name} is missing): pip install 'fdino[serve]'",
-              file=sys.stderr)
+        print(
+            f"error: fdino serve needs the 'serve' extras ({e.name} is missing): pip install 'fdino[serve]'",
+            file=sys.stderr,
+        )
         return 2
     if args.images is not None and not args.images.is_dir():
         print(f"error: --images {str(args.images)!r} is not a folder", file=sys.stderr)
@@ -73,9 +93,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if service.index is not None:
         start = time.perf_counter()
         result = service.refresh()
-        print(f"index: {len(service.index)} images in {args.images} ({result.added} embedded, {result.reused} from "
-              f"cache, {len(service.index.skipped)} unreadable skipped) in {time.perf_counter() - start:.1f} s; "
-              f"cache {service.index.cache_path}", flush=True)
+        print(
+            f"index: {len(service.index)} images in {args.images} ({result.added} embedded, {result.reused} from "
+            f"cache, {len(service.index.skipped)} unreadable skipped) in {time.perf_counter() - start:.1f} s; "
+            f"cache {service.index.cache_path}",
+            flush=True,
+        )
     print(f"serving {service.arch} on http://{args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
     try:
         uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")

@@ -172,8 +172,15 @@ class FolderIndex:
         paths = [str(self.root / s.path) for s in todo]
         device = next(self.backbone.parameters()).device
         try:
-            feats, kept, bad = embed_paths(self.backbone, paths, image_size=self.image_size, mean=self.mean,
-                                           std=self.std, batch_size=self.batch_size, device=device)
+            feats, kept, bad = embed_paths(
+                self.backbone,
+                paths,
+                image_size=self.image_size,
+                mean=self.mean,
+                std=self.std,
+                batch_size=self.batch_size,
+                device=device,
+            )
         except ValueError:  # embed_paths: "none of the N images could be read"
             feats, kept, bad = torch.zeros(0, 0), [], {p: "cannot be decoded as an image" for p in paths}
         by_full = dict(zip(paths, todo))
@@ -189,7 +196,11 @@ class FolderIndex:
         try:
             emb = load_embeddings(self.cache_path)
             info = emb.info
-            if (info.get("format"), info.get("model_key"), info.get("root")) != (FORMAT, self.model_key, str(self.root)):
+            if (info.get("format"), info.get("model_key"), info.get("root")) != (
+                FORMAT,
+                self.model_key,
+                str(self.root),
+            ):
                 return  # another model or folder: rebuilt (and overwritten) on refresh
             files = [FileStat(str(p), int(s), int(m)) for p, s, m in info["files"]]
             skipped = {p: (int(v[0]), int(v[1]), str(v[2])) for p, v in info["skipped"].items()}
@@ -206,13 +217,26 @@ class FolderIndex:
         from ..eval.embed import Embeddings, save_embeddings  # noqa: PLC0415
 
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        info = {"format": FORMAT, "model_key": self.model_key, "model": dict(self.model_info), "root": str(self.root),
-                "files": [list(f) for f in self.files], "skipped": {p: list(v) for p, v in self.skipped.items()},
-                "image_size": int(self.image_size), "mean": list(self.mean), "std": list(self.std),
-                "n_last_blocks": 1, "avgpool": False}
+        info = {
+            "format": FORMAT,
+            "model_key": self.model_key,
+            "model": dict(self.model_info),
+            "root": str(self.root),
+            "files": [list(f) for f in self.files],
+            "skipped": {p: list(v) for p, v in self.skipped.items()},
+            "image_size": int(self.image_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "n_last_blocks": 1,
+            "avgpool": False,
+        }
         features = self.features if self.features.ndim == 2 else torch.zeros(0, 0)
-        emb = Embeddings(features.contiguous(), [str(self.root / f.path) for f in self.files],
-                         torch.full((len(self.files),), -1, dtype=torch.int64), info)
+        emb = Embeddings(
+            features.contiguous(),
+            [str(self.root / f.path) for f in self.files],
+            torch.full((len(self.files),), -1, dtype=torch.int64),
+            info,
+        )
         # Same folder and suffix as the target, so the final rename is atomic.
         tmp = self.cache_path.with_name(f".tmp-{os.getpid()}-{self.cache_path.name}")
         try:
@@ -232,5 +256,13 @@ def default_cache_path(root: str | Path, model: str, cache_dir: str | Path | Non
     return Path(cache_dir) / f"index-{key}.safetensors"
 
 
-__all__ = ["FileStat", "FolderIndex", "RefreshResult", "scan_folder", "fingerprint", "model_key",
-           "default_cache_path", "FORMAT"]
+__all__ = [
+    "FileStat",
+    "FolderIndex",
+    "RefreshResult",
+    "scan_folder",
+    "fingerprint",
+    "model_key",
+    "default_cache_path",
+    "FORMAT",
+]

@@ -1,7 +1,7 @@
 """Run the service in a background thread (notebooks, tests): a real uvicorn on 127.0.0.1.
 
-    with BackgroundServer(create_app(service)) as url:    # e.g. "http://127.0.0.1:41733"
-        httpx.post(url + "/search", files={"file": open("cat.png", "rb")})
+with BackgroundServer(create_app(service)) as url:    # e.g. "http://127.0.0.1:41733"
+    httpx.post(url + "/search", files={"file": open("cat.png", "rb")})
 """
 
 from __future__ import annotations

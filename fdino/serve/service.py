@@ -69,7 +69,9 @@ def decode_image(data: bytes, *, max_pixels: int):
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise UploadError(413, f"image of {width} x {height} pixels exceeds the limit of {max_pixels} pixels")
+                    raise UploadError(
+                        413, f"image of {width} x {height} pixels exceeds the limit of {max_pixels} pixels"
+                    )
                 image.load()  # decode now: truncated or corrupt data fails here
                 return to_rgb(image)
     except UploadError:
@@ -77,8 +79,11 @@ def decode_image(data: bytes, *, max_pixels: int):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise UploadError(413, f"image too large to decode safely: {e}") from None
     except Image.UnidentifiedImageError:
-        raise UploadError(415, "not an image: the upload is in no image format this service reads; upload a PNG, "
-                               "JPEG, WebP, BMP, GIF or TIFF file") from None
+        raise UploadError(
+            415,
+            "not an image: the upload is in no image format this service reads; upload a PNG, "
+            "JPEG, WebP, BMP, GIF or TIFF file",
+        ) from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
         raise UploadError(415, f"not a decodable image: {type(e).__name__}: {e} (truncated or corrupt file?)") from None
 
@@ -102,27 +107,44 @@ class FeatureService:
         images: folder to index (None: /search is unavailable).
         arch: display name of the model.
         cache_dir: where the index cache goes (default `fdino.serve.index.default_cache_path`).
-        model_info: how to reload the model (`fdino.weights.cli_args.model_args_record`), stored in the cache (`fdino search` reloads the model from it).
+        model_info: how to reload the model (`fdino.weights.cli_args.model_args_record`), stored in the
+            cache (`fdino search` reloads the model from it).
     """
 
-    def __init__(self, model: Any, images: str | Path | None = None, *, arch: str = "", config: ServiceConfig | None = None,
-                 cache_dir: str | Path | None = None, model_info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        images: str | Path | None = None,
+        *,
+        arch: str = "",
+        config: ServiceConfig | None = None,
+        cache_dir: str | Path | None = None,
+        model_info: dict[str, Any] | None = None,
+    ) -> None:
         self.model, self.arch = model, arch
         self.config = config or ServiceConfig()
         self.backbone = model.backbone.eval()
         self.transform = EvalTransform(int(model.image_size), mean=tuple(model.mean), std=tuple(model.std))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fdino-model")
-        self.queue = BatchQueue(self.forward, executor=self.executor, max_batch=self.config.max_batch,
-                                max_wait_ms=self.config.max_wait_ms)
+        self.queue = BatchQueue(
+            self.forward, executor=self.executor, max_batch=self.config.max_batch, max_wait_ms=self.config.max_wait_ms
+        )
         self.has_attention = _supports_attention(self.backbone)
         self.index: FolderIndex | None = None
         self._last_check = 0.0
         if images is not None:
             size, mean, std = int(model.image_size), tuple(model.mean), tuple(model.std)
             key = model_key(self.backbone, size, mean, std)
-            self.index = FolderIndex(Path(images), self.backbone, size, mean, std, key,
-                                     cache_path=default_cache_path(images, key, cache_dir),
-                                     model_info=dict(model_info or {"arch": arch}))
+            self.index = FolderIndex(
+                Path(images),
+                self.backbone,
+                size,
+                mean,
+                std,
+                key,
+                cache_path=default_cache_path(images, key, cache_dir),
+                model_info=dict(model_info or {"arch": arch}),
+            )
 
     # --- model thread ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -145,9 +167,9 @@ class FeatureService:
         from ..eval.render import cell_scale, colormap, denormalize, enlarge, normalize_max  # noqa: PLC0415
 
         device = next(self.backbone.parameters()).device
-        attention = cls_attention(self.backbone, x[None].to(device)).cpu()[0]    # (heads, h, w)
-        heat = normalize_max(attention.mean(dim=0, keepdim=True))                 # (1, h, w)
-        pixels = denormalize(x[None], self.model.mean, self.model.std)            # (1, 3, H, W)
+        attention = cls_attention(self.backbone, x[None].to(device)).cpu()[0]  # (heads, h, w)
+        heat = normalize_max(attention.mean(dim=0, keepdim=True))  # (1, h, w)
+        pixels = denormalize(x[None], self.model.mean, self.model.std)  # (1, 3, H, W)
         scale = cell_scale(max(x.shape[-2:]), 224)
         size = (x.shape[-2] * scale, x.shape[-1] * scale)
         big = enlarge(pixels, size, smooth=True)[0]
@@ -188,18 +210,26 @@ class FeatureService:
 
     async def attention(self, data: bytes) -> bytes:
         if not self.has_attention:
-            raise UploadError(409, f"attention maps need a timm ViT with a CLS token and plain attention; this model "
-                                   f"is {type(self.backbone).__name__}")
+            raise UploadError(
+                409,
+                f"attention maps need a timm ViT with a CLS token and plain attention; this model "
+                f"is {type(self.backbone).__name__}",
+            )
         x = await asyncio.to_thread(self.preprocess, data)
         return await self._on_model_thread(self.attention_png, x)
 
     def health(self) -> dict[str, Any]:
         return {
-            "status": "ok", "model": self.arch, "feature_dim": int(self.backbone.num_features),
-            "image_size": int(self.model.image_size), "attention": self.has_attention,
+            "status": "ok",
+            "model": self.arch,
+            "feature_dim": int(self.backbone.num_features),
+            "image_size": int(self.model.image_size),
+            "attention": self.has_attention,
             "images": len(self.index) if self.index is not None else 0,
             "skipped_images": len(self.index.skipped) if self.index is not None else 0,
-            "max_upload_bytes": self.config.max_upload_bytes, "max_k": self.config.max_k, **self.queue.stats(),
+            "max_upload_bytes": self.config.max_upload_bytes,
+            "max_k": self.config.max_k,
+            **self.queue.stats(),
         }
 
     async def aclose(self) -> None:

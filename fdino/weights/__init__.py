@@ -18,7 +18,19 @@ from .load import MODEL_SOURCES_HELP, SOURCE_KINDS, LoadedModel, load_model
 from .official import OFFICIAL_ARCHS, guess_timm_arch, timm_to_official
 
 __all__ = [
-    "ExportInfo", "LoadedModel", "MODEL_SOURCES_HELP", "OFFICIAL_ARCHS", "SOURCE_KINDS", "build_timm_backbone",
-    "export_safetensors", "freeze", "guess_timm_arch", "load_model", "read_export_info", "strip_prefixes",
-    "timm_to_official", "torch_load_safe", "unwrap_state_dict",
+    "ExportInfo",
+    "LoadedModel",
+    "MODEL_SOURCES_HELP",
+    "OFFICIAL_ARCHS",
+    "SOURCE_KINDS",
+    "build_timm_backbone",
+    "export_safetensors",
+    "freeze",
+    "guess_timm_arch",
+    "load_model",
+    "read_export_info",
+    "strip_prefixes",
+    "timm_to_official",
+    "torch_load_safe",
+    "unwrap_state_dict",
 ]

@@ -52,14 +52,22 @@ def _fit_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Ten
     if missing:
         parts.append(f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}")
     if wrong:
-        parts.append("shape mismatch " + ", ".join(f"{k}: {tuple(state[k].shape)} vs timm {tuple(own[k].shape)}"
-                                                   for k in wrong[:4]))
+        parts.append(
+            "shape mismatch "
+            + ", ".join(f"{k}: {tuple(state[k].shape)} vs timm {tuple(own[k].shape)}" for k in wrong[:4])
+        )
     return parts
 
 
-def build_timm_backbone(arch: str, state: Mapping[str, torch.Tensor], *, model_kwargs: Mapping[str, Any] | None = None,
-                        patch_size: int | None = None, img_size: int | None = None,
-                        share: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+def build_timm_backbone(
+    arch: str,
+    state: Mapping[str, torch.Tensor],
+    *,
+    model_kwargs: Mapping[str, Any] | None = None,
+    patch_size: int | None = None,
+    img_size: int | None = None,
+    share: bool = False,
+) -> tuple[nn.Module, dict[str, Any]]:
     """``(backbone in eval mode, the timm kwargs it was built with)`` holding ``state``.
 
     ViTs are built for the weights' own patch size and position table (``img_size`` is only the
@@ -90,8 +98,10 @@ def build_timm_backbone(arch: str, state: Mapping[str, torch.Tensor], *, model_k
             hint = f"the weights look like {guess_timm_arch(state)!r}; "
         except ValueError:
             hint = ""
-        raise ValueError(f"the weights do not fit timm {arch!r} {kwargs}: {'; '.join(problems)} ({hint}pass another "
-                         f"arch, or model_kwargs / --model-kwargs such as embed_dim=, depth=, num_heads= to match them)")
+        raise ValueError(
+            f"the weights do not fit timm {arch!r} {kwargs}: {'; '.join(problems)} ({hint}pass another "
+            f"arch, or model_kwargs / --model-kwargs such as embed_dim=, depth=, num_heads= to match them)"
+        )
     extra = sorted(k for k in state if k not in own)
     unknown = [k for k in extra if not k.startswith(HEAD_PREFIXES)]
     if unknown:

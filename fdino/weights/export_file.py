@@ -48,7 +48,7 @@ class ExportInfo:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ExportInfo":
+    def from_json(cls, text: str) -> ExportInfo:
         data = json.loads(text)
         if data.get("format") != FORMAT:
             raise ValueError(f"not an fdino backbone export (format {data.get('format')!r}, expected {FORMAT!r})")

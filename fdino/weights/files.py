@@ -40,8 +40,10 @@ def torch_load_safe(path: str | Path) -> Any:
     except pickle.UnpicklingError as err:
         if "weights only load failed" not in str(err).lower():
             raise ValueError(f"{path} is not a readable weights file ({err})") from err
-        raise ValueError(f"{path} holds pickled Python objects (e.g. a whole nn.Module), which are not loaded "
-                         f"for safety; save its state_dict() instead") from err
+        raise ValueError(
+            f"{path} holds pickled Python objects (e.g. a whole nn.Module), which are not loaded "
+            f"for safety; save its state_dict() instead"
+        ) from err
 
 
 def read_weights_file(path: str | Path) -> Any:
@@ -63,7 +65,7 @@ def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     out = {}
     for name, tensor in state.items():
         while name.startswith(WRAPPER_PREFIXES):
-            name = name[len(next(p for p in WRAPPER_PREFIXES if name.startswith(p))):]
+            name = name[len(next(p for p in WRAPPER_PREFIXES if name.startswith(p))) :]
         out[name] = tensor
     return out
 
@@ -85,6 +87,8 @@ def unwrap_state_dict(data: Any, which: str = "teacher") -> dict[str, torch.Tens
             found = found[key]
     if not is_state_dict(found):
         held = sorted(map(str, data))[:12] if isinstance(data, Mapping) else type(data).__name__
-        raise ValueError(f"no state dict of tensors found (looked at '{which}', {list(NESTED_KEYS)} and the top "
-                         f"level; the file holds {held})")
+        raise ValueError(
+            f"no state dict of tensors found (looked at '{which}', {list(NESTED_KEYS)} and the top "
+            f"level; the file holds {held})"
+        )
     return strip_prefixes(found)

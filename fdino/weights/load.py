@@ -80,14 +80,22 @@ def _read(path: Path) -> Any:
         return read_weights_file(path)
     except ValueError:
         raise
-    except Exception as err:  # noqa: BLE001 - a broken file raises whatever the unpickler trips over
+    except Exception as err:
         raise ValueError(f"{path} is not a readable weights file ({type(err).__name__}: {err})") from err
 
 
-def load_model(source: str | Path | Mapping[str, Any], *, which: str = "teacher", arch: str | None = None,
-               device: str | torch.device = "cpu", patch_size: int | None = None, img_size: int | None = None,
-               model_kwargs: Mapping[str, Any] | None = None, mean: tuple[float, ...] | None = None,
-               std: tuple[float, ...] | None = None) -> LoadedModel:
+def load_model(
+    source: str | Path | Mapping[str, Any],
+    *,
+    which: str = "teacher",
+    arch: str | None = None,
+    device: str | torch.device = "cpu",
+    patch_size: int | None = None,
+    img_size: int | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> LoadedModel:
     """The frozen backbone of ``source`` (see the module docstring) on ``device``.
 
     Args:
@@ -127,8 +135,14 @@ def load_model(source: str | Path | Mapping[str, Any], *, which: str = "teacher"
             kind, state = "fdino-checkpoint", state_from_dict(content["state"])
             cfg = state.cfg
             backbone, kwargs = _from_config(cfg, backbone_weights(state, which), share=not in_memory)
-            info = ExportInfo(arch=cfg.arch, model_kwargs=kwargs, dino_config=cfg.to_dict(), which=which,
-                              image_size=cfg.global_crop_size, feature_dim=int(backbone.num_features))
+            info = ExportInfo(
+                arch=cfg.arch,
+                model_kwargs=kwargs,
+                dino_config=cfg.to_dict(),
+                which=which,
+                image_size=cfg.global_crop_size,
+                feature_dim=int(backbone.num_features),
+            )
     else:
         weights = unwrap_state_dict(content, which)
         args = content.get("args") if isinstance(content, Mapping) else None
@@ -139,11 +153,13 @@ def load_model(source: str | Path | Mapping[str, Any], *, which: str = "teacher"
             except ValueError as err:
                 raise ValueError(f"{name} is not an fdino checkpoint or export, and {err}") from None
         kind = "official" if official else "timm"
-        backbone, kwargs = build_timm_backbone(arch, weights, model_kwargs=model_kwargs, patch_size=patch_size,
-                                               img_size=img_size, share=not in_memory)
+        backbone, kwargs = build_timm_backbone(
+            arch, weights, model_kwargs=model_kwargs, patch_size=patch_size, img_size=img_size, share=not in_memory
+        )
         size = int(backbone.patch_embed.img_size[0]) if is_vit(backbone) else 224
-        info = ExportInfo(arch=arch, model_kwargs=kwargs, which=which, image_size=size,
-                          feature_dim=int(backbone.num_features))
+        info = ExportInfo(
+            arch=arch, model_kwargs=kwargs, which=which, image_size=size, feature_dim=int(backbone.num_features)
+        )
     overrides = {k: v for k, v in (("image_size", img_size), ("mean", mean), ("std", std)) if v is not None}
     info = dataclasses.replace(info, **{k: tuple(v) if k != "image_size" else int(v) for k, v in overrides.items()})
     return LoadedModel(backbone.to(device), info, kind, cfg)

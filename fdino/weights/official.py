@@ -44,20 +44,26 @@ def guess_timm_arch(state: Mapping[str, torch.Tensor], args: Any = None) -> str:
         patch = int(getattr(args, "patch_size", 16)) if arch.startswith("vit") else None
         if (arch, patch) in OFFICIAL_ARCHS:
             return OFFICIAL_ARCHS[(arch, patch)]
-        raise ValueError(f"official arch {arch!r} (patch {patch}) has no timm equivalent here; known: "
-                         f"{sorted(f'{a}/{p}' if p else a for a, p in OFFICIAL_ARCHS)}")
+        raise ValueError(
+            f"official arch {arch!r} (patch {patch}) has no timm equivalent here; known: "
+            f"{sorted(f'{a}/{p}' if p else a for a, p in OFFICIAL_ARCHS)}"
+        )
     state = strip_prefixes(state)
     if "cls_token" in state and "patch_embed.proj.weight" in state:
         width, patch = int(state["cls_token"].shape[-1]), int(state["patch_embed.proj.weight"].shape[-1])
         name = _VIT_WIDTHS.get(width)
         if name is not None and (name, patch) in OFFICIAL_ARCHS:
             return OFFICIAL_ARCHS[(name, patch)]
-        raise ValueError(f"ViT weights of width {width} and patch {patch} match no official DINO model; pass arch= "
-                         f"(--arch) with the timm model name")
+        raise ValueError(
+            f"ViT weights of width {width} and patch {patch} match no official DINO model; pass arch= "
+            f"(--arch) with the timm model name"
+        )
     if "layer4.2.conv3.weight" in state and "layer4.3.conv1.weight" not in state and "layer3.5.conv1.weight" in state:
         return "resnet50"
-    raise ValueError("cannot tell the architecture of these weights; pass arch= (--arch), a timm model name such as "
-                     "vit_small_patch16_224")
+    raise ValueError(
+        "cannot tell the architecture of these weights; pass arch= (--arch), a timm model name such as "
+        "vit_small_patch16_224"
+    )
 
 
 def timm_to_official(state: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:
