@@ -62,8 +62,20 @@ def test_compiled_step_equals_eager_step(runs):
         a, b = getattr(compiled, tree), getattr(eager, tree)
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=f"{tree}.{name}")
+    # atol 1e-5 on the first moments, from a known difference and its measured size (32 inits each
+    # on torch 2.11 and 2.14; this file's init is one sample):
+    # - the compiled step runs torch's foreach/capturable AdamW, which computes sqrt(1 - beta2**t)
+    #   in fp32 tensors; 0.999 is inexact in fp32 and 1 - beta2**t cancels, so that factor is off by
+    #   3e-6..1e-5 relative (t = 1..6), while the eager CPU step's single-tensor AdamW uses float64
+    #   scalars. Every compiled update is thus ~1e-5 relative larger; the loss's curvature turns the
+    #   drifting parameters into gradient differences of ~1e-5 from step 3 on (fp32 reassociation
+    #   alone: <= 2.4e-6, step 1, identical inputs; the moment update itself is within 1 ulp).
+    # - m_6 = 0.1 * sum_k 0.9**(6-k) g_k, so |dm_6| <= 0.47 max_k |dg_k|. Smallest passing atol
+    #   at rtol 1e-4, worst init: 2.2e-6 (2.11), 4.2e-6 (2.14); 1e-6 failed 25/32 (2.11) and 7/32
+    #   (2.14) inits. With the eager step forced onto the same AdamW math it is <= 9.2e-7 on both.
+    # A real bug (wrong beta, a lost gradient term) moves m by ~|m| ~ 0.1, 4 orders above 1e-5.
     for name in compiled.opt.exp_avg:
-        torch.testing.assert_close(compiled.opt.exp_avg[name], eager.opt.exp_avg[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled.opt.exp_avg[name], eager.opt.exp_avg[name], rtol=1e-4, atol=1e-5)
         assert torch.equal(compiled.opt.count[name], eager.opt.count[name])
     torch.testing.assert_close(compiled.center, eager.center, rtol=1e-5, atol=1e-6)
     assert int(compiled.step) == int(eager.step) == N_STEPS
