@@ -47,7 +47,7 @@ def _interpreter_scalar_index_fix() -> None:
         return
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 8):
         return
-    from triton.runtime import interpreter
+    from triton.runtime import interpreter  # noqa: PLC0415  (only when interpreting on triton < 3.8)
 
     patch_tensor = interpreter._patch_lang_tensor
 
