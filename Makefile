@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fdino-installed
 EXTRAS ?= test,export,serve
 
-.PHONY: setup demo test test-system-deps bench clean
+.PHONY: setup demo lint test test-system-deps bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,12 @@ test-system-deps:
 		|| echo "note: could not install$$missing; the tests that need them will skip"; \
 	fi
 
-test: $(STAMP) test-system-deps
+# Lint and format check (ruff, configured in pyproject.toml) before the tests: CI fails on either.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) test-system-deps lint
 	$(PY) -m pytest -q
 
 # The same suite on the GPU machines' versions (torch 2.11.0, torchvision 0.26.0, triton 3.6.0) in a
@@ -58,4 +63,4 @@ bench: $(STAMP)
 	$(PY) -m pytest -q bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis runs
+	rm -rf $(VENV) $(VENV_TORCH211) .pytest_cache .hypothesis runs

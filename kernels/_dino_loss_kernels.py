@@ -70,10 +70,21 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 @triton.jit
 def _fwd_partials_kernel(
-    s_ptr, t_ptr, c_ptr, tau_s_ptr, tau_t_ptr,
-    stud_ptr, teach_ptr, dots_ptr,  # partials: [B, n_split, 2, V_PAD], [B, n_split, 2, 2], [B, n_split, 2, V_PAD]
-    B, V, K, n_split, tiles_per_split,
-    BLOCK_K: tl.constexpr, V_PAD: tl.constexpr,
+    s_ptr,
+    t_ptr,
+    c_ptr,
+    tau_s_ptr,
+    tau_t_ptr,
+    stud_ptr,
+    teach_ptr,
+    dots_ptr,  # partials: [B, n_split, 2, V_PAD], [B, n_split, 2, 2], [B, n_split, 2, V_PAD]
+    B,
+    V,
+    K,
+    n_split,
+    tiles_per_split,
+    BLOCK_K: tl.constexpr,
+    V_PAD: tl.constexpr,
 ):
     split = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -157,7 +168,8 @@ def _merge_teacher(teach_ptr, dots_ptr, base, i, splits, split_ok, shift, ct, V_
     rows = tl.arange(0, V_PAD)
     d = tl.load(
         dots_ptr + (base + splits)[:, None] * 2 * V_PAD + i * V_PAD + rows[None, :],
-        mask=split_ok[:, None], other=0.0,
+        mask=split_ok[:, None],
+        other=0.0,
     )
     m = tl.max(mt, axis=0)
     alpha = tl.exp2((mt - m) * ct)  # 0 for masked splits (mt = -inf); m is finite since K >= 1
@@ -168,10 +180,19 @@ def _merge_teacher(teach_ptr, dots_ptr, base, i, splits, split_ok, shift, ct, V_
 
 @triton.jit
 def _fwd_combine_kernel(
-    stud_ptr, teach_ptr, dots_ptr, tau_s_ptr, tau_t_ptr,
-    stats_s_ptr, stats_t_ptr, img_loss_ptr,  # [V*B, 2], [2*B, 2] (max, log2 sum), [B]
-    B, V, n_split,
-    SPLIT_PAD: tl.constexpr, V_PAD: tl.constexpr,
+    stud_ptr,
+    teach_ptr,
+    dots_ptr,
+    tau_s_ptr,
+    tau_t_ptr,
+    stats_s_ptr,
+    stats_t_ptr,
+    img_loss_ptr,  # [V*B, 2], [2*B, 2] (max, log2 sum), [B]
+    B,
+    V,
+    n_split,
+    SPLIT_PAD: tl.constexpr,
+    V_PAD: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     tau_s = tl.load(tau_s_ptr).to(tl.float32)
@@ -213,9 +234,17 @@ def _fwd_combine_kernel(
 
 @triton.jit
 def _fwd_finalize_kernel(
-    t_ptr, img_loss_ptr, loss_ptr, center_ptr,
-    n_teacher_rows, B, K, norm,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_B: tl.constexpr,
+    t_ptr,
+    img_loss_ptr,
+    loss_ptr,
+    center_ptr,
+    n_teacher_rows,
+    B,
+    K,
+    norm,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -239,9 +268,21 @@ def _fwd_finalize_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    g_ptr, s_ptr, t_ptr, c_ptr, tau_s_ptr, tau_t_ptr, stats_s_ptr, stats_t_ptr, ds_ptr,
-    B, V, K, n_pairs,
-    BLOCK_K: tl.constexpr, V_PAD: tl.constexpr,
+    g_ptr,
+    s_ptr,
+    t_ptr,
+    c_ptr,
+    tau_s_ptr,
+    tau_t_ptr,
+    stats_s_ptr,
+    stats_t_ptr,
+    ds_ptr,
+    B,
+    V,
+    K,
+    n_pairs,
+    BLOCK_K: tl.constexpr,
+    V_PAD: tl.constexpr,
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)

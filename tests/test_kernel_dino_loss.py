@@ -58,7 +58,7 @@ def make_inputs(n_crops, batch, k, dtype, scale=1.0, seed=0, agree=False, tau_ra
     if agree:  # (t - c) / tau_t == s / tau_s up to noise, with |s| <= scale (fp16 stays finite)
         sharp = (torch.rand(2 * batch, k, generator=gen) * 2 - 1) * scale
         teacher = sharp / tau_ratio + center
-        student = torch.cat([sharp[(j % 2) * batch:(j % 2 + 1) * batch] for j in range(n_crops)])
+        student = torch.cat([sharp[(j % 2) * batch : (j % 2 + 1) * batch] for j in range(n_crops)])
         student = student + (torch.rand(student.shape, generator=gen) - 0.5) * (1e-3 * scale)
     else:
         teacher = (torch.rand(2 * batch, k, generator=gen) * 2 - 1) * scale
@@ -84,7 +84,9 @@ def assert_matches_reference(student, teacher, center, tau_s, tau_t, config=None
         temps = (torch.tensor(tau_s, device=DEVICE), torch.tensor(tau_t, device=DEVICE))
     else:
         temps = (tau_s, tau_t)
-    loss, batch_center = dino_loss_triton(s, teacher, center, student_temp=temps[0], teacher_temp=temps[1], config=config)
+    loss, batch_center = dino_loss_triton(
+        s, teacher, center, student_temp=temps[0], teacher_temp=temps[1], config=config
+    )
     loss.backward(cotangent)
     ref_loss, ref_center, ref_grad = reference_float64(student, teacher, center, tau_s, tau_t, cotangent)
 
@@ -125,18 +127,65 @@ def loss_cases(draw):
 
 
 @given(case=loss_cases())
-@example(case=dict(n_crops=12, batch=1, k=257, dtype=torch.bfloat16, tau_s=0.1, tau_t=0.04, scale=1.0,
-                   agree=False, config=LaunchConfig(16, 3), temps_as_tensors=True, seed=1))
-@example(case=dict(n_crops=5, batch=2, k=131, dtype=torch.float16, tau_s=0.01, tau_t=0.01, scale=1e4,
-                   agree=True, config=LaunchConfig(16, 128), temps_as_tensors=False, seed=2))
-@example(case=dict(n_crops=2, batch=1, k=1, dtype=torch.float32, tau_s=1.0, tau_t=0.5, scale=30.0,
-                   agree=False, config=None, temps_as_tensors=False, seed=3))
+@example(
+    case=dict(
+        n_crops=12,
+        batch=1,
+        k=257,
+        dtype=torch.bfloat16,
+        tau_s=0.1,
+        tau_t=0.04,
+        scale=1.0,
+        agree=False,
+        config=LaunchConfig(16, 3),
+        temps_as_tensors=True,
+        seed=1,
+    )
+)
+@example(
+    case=dict(
+        n_crops=5,
+        batch=2,
+        k=131,
+        dtype=torch.float16,
+        tau_s=0.01,
+        tau_t=0.01,
+        scale=1e4,
+        agree=True,
+        config=LaunchConfig(16, 128),
+        temps_as_tensors=False,
+        seed=2,
+    )
+)
+@example(
+    case=dict(
+        n_crops=2,
+        batch=1,
+        k=1,
+        dtype=torch.float32,
+        tau_s=1.0,
+        tau_t=0.5,
+        scale=30.0,
+        agree=False,
+        config=None,
+        temps_as_tensors=False,
+        seed=3,
+    )
+)
 def test_matches_float64_reference(case):
     student, teacher, center = make_inputs(
-        case["n_crops"], case["batch"], case["k"], case["dtype"], case["scale"], case["seed"], case["agree"],
+        case["n_crops"],
+        case["batch"],
+        case["k"],
+        case["dtype"],
+        case["scale"],
+        case["seed"],
+        case["agree"],
         tau_ratio=case["tau_s"] / case["tau_t"],
     )
-    assert_matches_reference(student, teacher, center, case["tau_s"], case["tau_t"], case["config"], case["temps_as_tensors"])
+    assert_matches_reference(
+        student, teacher, center, case["tau_s"], case["tau_t"], case["config"], case["temps_as_tensors"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -260,8 +309,9 @@ def test_stop_gradient_to_teacher_center_and_temperatures():
 def test_dispatcher_impl_triton_matches_reference():
     student, teacher, center = make_inputs(4, 2, 33, torch.float32, scale=2.0)
     kw = dict(student_temp=0.1, teacher_temp=0.04)
-    for got, want in zip(dino_loss(student, teacher, center, impl="triton", **kw),
-                         dino_loss_reference(student, teacher, center, **kw)):
+    for got, want in zip(
+        dino_loss(student, teacher, center, impl="triton", **kw), dino_loss_reference(student, teacher, center, **kw)
+    ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -300,8 +350,18 @@ def _call(student, teacher, center, **kw):
         (((6, 8), (4, 8), (8,)), dict(config=LaunchConfig(24, 1)), ValueError, "block_k"),
         (((6, 8), (4, 8), (8,)), dict(config=LaunchConfig(16, 0)), ValueError, "n_split"),
     ],
-    ids=["n_global_crops", "K-mismatch", "1-D-student", "center-shape", "rows-not-V*B", "too-many-crops",
-         "K=0", "negative-temperature", "block_k", "n_split"],
+    ids=[
+        "n_global_crops",
+        "K-mismatch",
+        "1-D-student",
+        "center-shape",
+        "rows-not-V*B",
+        "too-many-crops",
+        "K=0",
+        "negative-temperature",
+        "block_k",
+        "n_split",
+    ],
 )
 def test_input_errors(shapes, kw, error, match):
     tensors = [torch.randn(shape, device=DEVICE) for shape in shapes]

@@ -17,8 +17,15 @@ from fdino import presets
 # adam_eps: the key part of a ViT's qkv bias has an analytically zero gradient (softmax ignores a
 # per-row constant), so its entries are rounding noise that Adam would scale up to lr-sized steps;
 # compiled and eager code round differently. A larger eps keeps noise-level entries still.
-CFG = presets.smoke(lr=0.05, warmup_epochs=0.4, freeze_last_layer=0.2, warmup_teacher_temp=0.02,
-                    teacher_temp=0.05, warmup_teacher_temp_epochs=0.6, adam_eps=1e-5)
+CFG = presets.smoke(
+    lr=0.05,
+    warmup_epochs=0.4,
+    freeze_last_layer=0.2,
+    warmup_teacher_temp=0.02,
+    teacher_temp=0.05,
+    warmup_teacher_temp_epochs=0.6,
+    adam_eps=1e-5,
+)
 N_STEPS = 6
 
 
@@ -45,9 +52,14 @@ def runs():
     for batch in data:
         eager, m = fdino.train_step_eager(eager, batch)
         eager_metrics.append(m)
-    return dict(compiled=compiled, eager=eager, compiled_metrics=compiled_metrics, eager_metrics=eager_metrics,
-                new_graphs=graphs_after_first - graphs_before,
-                later_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_first)
+    return dict(
+        compiled=compiled,
+        eager=eager,
+        compiled_metrics=compiled_metrics,
+        eager_metrics=eager_metrics,
+        new_graphs=graphs_after_first - graphs_before,
+        later_graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_after_first,
+    )
 
 
 def test_compiles_to_one_graph_and_never_recompiles(runs):
@@ -87,8 +99,12 @@ def test_compiled_step_equals_eager_step(runs):
 def test_compiled_step_moved_the_parameters(runs):
     # Guards against a compiled step that silently does nothing (both paths would then agree).
     fresh = fdino.init_state(CFG, device="cpu")
-    assert not torch.allclose(runs["compiled"].student["head.last_layer.weight_v"], fresh.student["head.last_layer.weight_v"])
-    assert not torch.allclose(runs["compiled"].teacher["backbone.blocks.0.attn.qkv.weight"],
-                              fresh.teacher["backbone.blocks.0.attn.qkv.weight"])
+    assert not torch.allclose(
+        runs["compiled"].student["head.last_layer.weight_v"], fresh.student["head.last_layer.weight_v"]
+    )
+    assert not torch.allclose(
+        runs["compiled"].teacher["backbone.blocks.0.attn.qkv.weight"],
+        fresh.teacher["backbone.blocks.0.attn.qkv.weight"],
+    )
     lrs = [float(m["lr"]) for m in runs["compiled_metrics"]]
     assert lrs[0] == 0.0 and lrs[2] == pytest.approx(CFG.peak_lr, rel=1e-6)  # schedules advanced in-graph

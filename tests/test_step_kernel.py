@@ -33,8 +33,9 @@ def test_compiled_step_with_kernel_matches_reference_loss_step():
     # 3 forward launches + 1 backward launch per step: the compiled graph calls the kernel.
     assert launch_count() - launches_before == 4 * len(data)
     for name in kernel_state.student:
-        torch.testing.assert_close(kernel_state.student[name], reference_state.student[name], rtol=1e-4, atol=1e-5,
-                                   msg=name)
+        torch.testing.assert_close(
+            kernel_state.student[name], reference_state.student[name], rtol=1e-4, atol=1e-5, msg=name
+        )
     torch.testing.assert_close(kernel_state.center, reference_state.center, rtol=1e-5, atol=1e-6)
 
 
