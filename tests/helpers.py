@@ -19,6 +19,20 @@ TOLERANCES = {
 }
 
 
+# A 2-block ViT of width 32 on 16 px images (patch 4): timm's real ViT code, seconds to run.
+TINY_VIT = dict(patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2)
+
+
+def tiny_vit(**kwargs) -> torch.nn.Module:
+    """`TINY_VIT` (``kwargs`` override it) in eval mode, from a fixed seed: the same weights every call."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, **{**TINY_VIT, **kwargs}
+    ).eval()
+
+
 def load_bench_module(name: str):
     """A script of ``bench/`` imported by file path (``bench/`` is not a package)."""
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import grid_cell, png_pixels
+from helpers import grid_cell, png_pixels, tiny_vit
 from hypothesis import given
 from hypothesis import strategies as st
 from matplotlib import colormaps
@@ -25,22 +25,6 @@ VARIANTS = {
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_vit(**kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=0,
-        dynamic_img_size=True,
-        patch_size=4,
-        img_size=16,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        **kwargs,
-    ).eval()
 
 
 def explicit_attention(vit: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -5,22 +5,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from helpers import tiny_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 from fdino.data import ArrayDataset, EvalTransform
 from fdino.eval import batch_features, extract_features, representation_stats
 
-TINY = dict(patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_vit(**kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, **{**TINY, **kwargs}
-    ).eval()
 
 
 # --- features -------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 
 import pytest
-import timm
 import torch
+from helpers import tiny_vit
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -84,18 +84,7 @@ def colour_images(n_per_class: int, seed: int) -> ArrayDataset:
 
 
 def test_paper_recipe_on_augmented_images_through_a_frozen_vit():
-    torch.manual_seed(0)
-    vit = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=0,
-        dynamic_img_size=True,
-        patch_size=4,
-        img_size=16,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-    ).eval()
+    vit = tiny_vit()
     before = {k: v.clone() for k, v in vit.state_dict().items()}
     losses = []
     result = linear_eval_images(

@@ -7,10 +7,9 @@ import math
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from helpers import grid_cell, png_pixels, tile_count
+from helpers import grid_cell, png_pixels, tile_count, tiny_vit
 from hypothesis import given
 from hypothesis import strategies as st
 from matplotlib import colormaps
@@ -34,21 +33,6 @@ from fdino.eval.render import CAPTION, cell_scale, grid_size
 from fdino.eval.tsne import conditional_affinities, squared_distances
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_vit() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=0,
-        dynamic_img_size=True,
-        patch_size=4,
-        img_size=16,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-    ).eval()
 
 
 def blobs(n: int, classes: int, dim: int, seed: int = 0):

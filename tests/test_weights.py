@@ -13,6 +13,7 @@ import re
 import pytest
 import timm
 import torch
+from helpers import tiny_vit
 from safetensors.torch import save_file
 
 import fdino
@@ -20,16 +21,7 @@ from fdino.checkpoint import backbone_weights, load_checkpoint, save_checkpoint
 from fdino.models import create_backbone
 from fdino.weights import MODEL_SOURCES_HELP, ExportInfo, export_safetensors, load_model
 
-TINY = dict(patch_size=4, img_size=16, embed_dim=32, depth=2, num_heads=2)
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_vit(**kwargs) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True, **{**TINY, **kwargs}
-    ).eval()
 
 
 @pytest.fixture(scope="module")
