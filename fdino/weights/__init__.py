@@ -11,7 +11,7 @@ builder (`build_timm_backbone`), one loader (`load_model`); `fdino.weights.cli_a
 command the same model flags and the same list of sources (`MODEL_SOURCES_HELP`).
 """
 
-from .build import build_timm_backbone, freeze
+from .build import build_timm_backbone
 from .export_file import ExportInfo, export_safetensors, read_export_info
 from .files import strip_prefixes, torch_load_safe, unwrap_state_dict
 from .load import MODEL_SOURCES_HELP, SOURCE_KINDS, LoadedModel, load_model
@@ -25,7 +25,6 @@ __all__ = [
     "SOURCE_KINDS",
     "build_timm_backbone",
     "export_safetensors",
-    "freeze",
     "guess_timm_arch",
     "load_model",
     "read_export_info",

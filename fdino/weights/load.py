@@ -75,13 +75,60 @@ def _from_config(cfg: DinoConfig, weights: Mapping[str, torch.Tensor], *, share:
     return build_timm_backbone(cfg.arch, weights, model_kwargs=kwargs, share=share)
 
 
-def _read(path: Path) -> Any:
+def _open(source: str | Path | Mapping[str, Any]) -> tuple[Any, ExportInfo | None, str, bool]:
+    """``(content, export info or None, name for messages, whether the tensors are ours to keep)``."""
+    if isinstance(source, Mapping):
+        return source, None, "the given weights", False  # the caller's tensors: copy them
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model source {str(source)!r} does not exist ({MODEL_SOURCES_HELP})")
+    if path.is_dir():
+        path = resolve_checkpoint(path)
+    export_info = read_export_info(path) if path.suffix == ".safetensors" else None
     try:
-        return read_weights_file(path)
+        content = read_weights_file(path)
     except ValueError:
         raise
-    except Exception as err:
+    except Exception as err:  # a broken file raises whatever the unpickler trips over
         raise ValueError(f"{path} is not a readable weights file ({type(err).__name__}: {err})") from err
+    return content, export_info, str(source), True
+
+
+def _from_export(info: ExportInfo, weights: Mapping[str, torch.Tensor]) -> tuple[nn.Module, DinoConfig | None]:
+    if info.dino_config is None:
+        return build_timm_backbone(info.arch, weights, model_kwargs=info.model_kwargs, share=True)[0], None
+    cfg = DinoConfig.from_dict(info.dino_config)
+    return _from_config(cfg, weights, share=True)[0], cfg
+
+
+def _from_checkpoint(content: Mapping[str, Any], which: str, share: bool) -> tuple[nn.Module, ExportInfo, DinoConfig]:
+    state = state_from_dict(content["state"])
+    backbone, kwargs = _from_config(state.cfg, backbone_weights(state, which), share=share)
+    info = ExportInfo(
+        arch=state.cfg.arch,
+        model_kwargs=kwargs,
+        dino_config=state.cfg.to_dict(),
+        which=which,
+        image_size=state.cfg.global_crop_size,
+        feature_dim=int(backbone.num_features),
+    )
+    return backbone, info, state.cfg
+
+
+def _from_weights(content: Any, name: str, *, which: str, arch: str | None, share: bool, **build: Any):
+    """``(backbone, info, kind)`` for official DINO or plain timm weights."""
+    weights = unwrap_state_dict(content, which)
+    args = content.get("args") if isinstance(content, Mapping) else None
+    official = isinstance(args, argparse.Namespace)  # a full official training checkpoint
+    if arch is None:
+        try:
+            arch, official = guess_timm_arch(weights, args), True
+        except ValueError as err:
+            raise ValueError(f"{name} is not an fdino checkpoint or export, and {err}") from None
+    backbone, kwargs = build_timm_backbone(arch, weights, share=share, **build)
+    size = int(backbone.patch_embed.img_size[0]) if is_vit(backbone) else 224
+    info = ExportInfo(arch=arch, model_kwargs=kwargs, which=which, image_size=size, feature_dim=backbone.num_features)
+    return backbone, info, "official" if official else "timm"
 
 
 def load_model(
@@ -108,60 +155,23 @@ def load_model(
         mean, std: override the input normalization (default: the source's, ImageNet's for plain weights).
     """
     check_which(which)
-    in_memory = isinstance(source, Mapping)
-    name = "the given weights" if in_memory else str(source)
-    kind, cfg, info = None, None, None
-    if in_memory:
-        content = source
+    content, info, name, share = _open(source)
+    fdino_checkpoint = isinstance(content, Mapping) and content.get("format") == CHECKPOINT_FORMAT
+    if (info is not None or fdino_checkpoint) and arch is not None:
+        warnings.warn(f"arch={arch!r} ignored: {name} is an fdino model that names its own", stacklevel=2)
+    if info is not None:
+        (backbone, cfg), kind = _from_export(info, content), "fdino-export"
+    elif fdino_checkpoint:
+        (backbone, info, cfg), kind = _from_checkpoint(content, which, share), "fdino-checkpoint"
     else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"model source {name!r} does not exist ({MODEL_SOURCES_HELP})")
-        if path.is_dir():
-            path = resolve_checkpoint(path)
-        info = read_export_info(path) if path.suffix == ".safetensors" else None
-        content = _read(path)
-    if info is not None or (isinstance(content, Mapping) and content.get("format") == CHECKPOINT_FORMAT):
-        if arch is not None:
-            warnings.warn(f"arch={arch!r} ignored: {name} is an fdino model that names its own", stacklevel=2)
-        if info is not None:  # an fdino export
-            kind, weights = "fdino-export", content
-            cfg = DinoConfig.from_dict(info.dino_config) if info.dino_config is not None else None
-            if cfg is not None:
-                backbone, _ = _from_config(cfg, weights, share=True)
-            else:
-                backbone, _ = build_timm_backbone(info.arch, weights, model_kwargs=info.model_kwargs, share=True)
-        else:
-            kind, state = "fdino-checkpoint", state_from_dict(content["state"])
-            cfg = state.cfg
-            backbone, kwargs = _from_config(cfg, backbone_weights(state, which), share=not in_memory)
-            info = ExportInfo(
-                arch=cfg.arch,
-                model_kwargs=kwargs,
-                dino_config=cfg.to_dict(),
-                which=which,
-                image_size=cfg.global_crop_size,
-                feature_dim=int(backbone.num_features),
-            )
-    else:
-        weights = unwrap_state_dict(content, which)
-        args = content.get("args") if isinstance(content, Mapping) else None
-        official = isinstance(args, argparse.Namespace)
-        if arch is None:
-            try:
-                arch, official = guess_timm_arch(weights, args), True
-            except ValueError as err:
-                raise ValueError(f"{name} is not an fdino checkpoint or export, and {err}") from None
-        kind = "official" if official else "timm"
-        backbone, kwargs = build_timm_backbone(
-            arch, weights, model_kwargs=model_kwargs, patch_size=patch_size, img_size=img_size, share=not in_memory
-        )
-        size = int(backbone.patch_embed.img_size[0]) if is_vit(backbone) else 224
-        info = ExportInfo(
-            arch=arch, model_kwargs=kwargs, which=which, image_size=size, feature_dim=int(backbone.num_features)
-        )
-    overrides = {k: v for k, v in (("image_size", img_size), ("mean", mean), ("std", std)) if v is not None}
-    info = dataclasses.replace(info, **{k: tuple(v) if k != "image_size" else int(v) for k, v in overrides.items()})
+        backbone, info, kind = _from_weights(
+            content, name, which=which, arch=arch, share=share,
+            model_kwargs=model_kwargs, patch_size=patch_size, img_size=img_size,
+        )  # fmt: skip
+        cfg = None
+    overrides = {"image_size": None if img_size is None else int(img_size)}
+    overrides |= {k: tuple(v) for k, v in (("mean", mean), ("std", std)) if v is not None}
+    info = dataclasses.replace(info, **{k: v for k, v in overrides.items() if v is not None})
     return LoadedModel(backbone.to(device), info, kind, cfg)
 
 
