@@ -190,7 +190,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # Subcommand modules, and the extra (pyproject optional-dependencies) whose packages they may import.
-_SUBCOMMANDS = {"fdino.eval.cli": None, "fdino.export.cli": "export", "fdino.serve.cli": "serve"}
+_SUBCOMMANDS = {
+    "fdino.eval.cli": None,
+    "fdino.sweep.cli": None,
+    "fdino.export.cli": "export",
+    "fdino.serve.cli": "serve",
+}
 _EXTRA_PACKAGES = {
     "export": ("onnx", "onnxruntime", "onnxscript"),
     "serve": ("fastapi", "uvicorn", "multipart", "python_multipart"),

@@ -49,7 +49,7 @@ def config_file(path: str | Path) -> dict[str, Any]:
     values checked against the fields' types (DinoConfig / TrainOptions validate ranges later).
     """
     path = Path(path)
-    data = _read(path)
+    data = read_settings(path)
     unknown = sorted(set(data) - {"preset", *TABLES})
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown} at the top level; allowed: ['preset', 'config', 'options']")
@@ -61,17 +61,24 @@ def config_file(path: str | Path) -> dict[str, Any]:
         values = data.get(table, {})
         if not isinstance(values, dict):
             raise ValueError(f"{path}: [{table}] must be a table of {cls.__name__} fields, not {type(values).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown key(s) {unknown} in [{table}]; allowed ({cls.__name__} fields): {sorted(fields)}"
-            )
-        out[table] = {name: _checked(path, table, cls, fields[name], value) for name, value in values.items()}
+        out[table] = checked_fields(path, table, cls, values)
     return out
 
 
-def _read(path: Path) -> dict[str, Any]:
+def checked_fields(path: Path, table: str, cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (field -> value, from table ``[table]`` of ``path``) as dataclass ``cls`` takes them;
+    an unknown field or a value of the wrong type is an error naming the file, the table and the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown key(s) {unknown} in [{table}]; allowed ({cls.__name__} fields): {sorted(fields)}"
+        )
+    return {name: _checked(path, table, cls, fields[name], value) for name, value in values.items()}
+
+
+def read_settings(path: Path) -> dict[str, Any]:
+    """The top-level table of a .toml or .json settings file (clear errors for anything else)."""
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     if path.suffix == ".json":

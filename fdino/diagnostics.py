@@ -34,6 +34,16 @@ def teacher_diagnostics(
     }
 
 
+def collapse_mode(metrics: dict[str, float], out_dim: int) -> str | None:
+    """ "uniform", "one-hot" or None: which collapse the readings show (thresholds: `collapse_report`)."""
+    entropy, dims, kl = (metrics.get(k) for k in ("teacher_entropy", "teacher_effective_dims", "kl"))
+    if entropy is not None and out_dim > 1 and entropy > 0.98 * math.log(out_dim) and (kl is None or kl < 0.02):
+        return "uniform"
+    if dims is not None and dims < max(2.0, 0.002 * out_dim):
+        return "one-hot"
+    return None
+
+
 def collapse_report(metrics: dict[str, float], out_dim: int) -> str | None:
     """A warning text when host-side metric values show collapse, else None.
 
@@ -44,18 +54,17 @@ def collapse_report(metrics: dict[str, float], out_dim: int) -> str | None:
     not enough. One-hot collapse: fewer than max(2, 0.2% of K) effective dimensions used by the
     batch (one dimension dominates). `fdino train` warns only when a reading repeats (see there).
     """
-    log_k = math.log(out_dim)
-    entropy = metrics.get("teacher_entropy")
-    dims = metrics.get("teacher_effective_dims")
-    kl = metrics.get("kl")
-    if entropy is not None and out_dim > 1 and entropy > 0.98 * log_k and (kl is None or kl < 0.02):
+    mode = collapse_mode(metrics, out_dim)
+    entropy, dims, kl = (metrics.get(k) for k in ("teacher_entropy", "teacher_effective_dims", "kl"))
+    if mode == "uniform":
+        log_k = math.log(out_dim)
         return (
             f"collapse warning: teacher entropy {entropy:.3f} is near log K = {log_k:.3f} and the "
             f"teacher-student KL is {kl if kl is not None else float('nan'):.4f} (uniform teacher). "
             "Likely fixes: lower the teacher temperature (teacher_temp, e.g. 0.04), raise center_momentum "
             "less aggressively or check centering is on, lower teacher_momentum (e.g. 0.99) on small data."
         )
-    if dims is not None and dims < max(2.0, 0.002 * out_dim):
+    if mode == "one-hot":
         return (
             f"collapse warning: the teacher uses only {dims:.1f} of K = {out_dim} output dimensions "
             "(one dimension dominates). Likely fixes: keep centering on (center_momentum < 1), raise the "
