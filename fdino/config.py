@@ -19,6 +19,9 @@ from . import checks
 from .loss_inputs import LOSS_IMPLS
 
 PRECISIONS = ("fp32", "bf16")
+# Ablation switches of the paper's collapse study (sec. 5.3, Fig. 7) and teacher study (sec. 5.2, Table 6).
+CENTERINGS = ("ema", "none")
+TEACHER_UPDATES = ("ema", "student_copy", "previous_epoch", "frozen")
 # Sanity caps on the crops per image of a run, shared with fdino.data.MultiCropConfig (which
 # DinoConfig's crop fields configure). Not the fused loss kernel's limit on all crops together,
 # fdino.loss_inputs.KERNEL_MAX_CROPS, which merely has the same value as MAX_GLOBAL_CROPS.
@@ -83,6 +86,10 @@ class DinoConfig:
     """Length of the teacher temperature warm-up, in epochs (per-step linear ramp)."""
     center_momentum: float = 0.9
     """m in c <- m c + (1 - m) mean(teacher logits)."""
+    # Collapse study (paper sec. 5.3): centering alone -> uniform teacher (entropy near log K),
+    # sharpening alone -> one-hot teacher (entropy near 0); see fdino.diagnostics.
+    centering: str = "ema"
+    """'ema' (paper) or 'none' (center fixed at 0); no sharpening is teacher_temp == student_temp."""
     loss_impl: str = "auto"
     """'auto' (fused Triton kernel on CUDA, reference elsewhere), 'triton' or 'reference'."""
 
@@ -117,6 +124,10 @@ class DinoConfig:
     """Teacher EMA momentum at step 0; cosine schedule to `teacher_momentum_end`."""
     teacher_momentum_end: float = 1.0
     """Teacher EMA momentum at the last step."""
+    # Teacher study (paper sec. 5.2, Table 6). Every mode is the same EMA with its own momentum per
+    # step (0: copy the student, 1: keep); see fdino.schedules.teacher_momentum.
+    teacher_update: str = "ema"
+    """'ema' (cosine momentum), 'student_copy' (= student), 'previous_epoch' (copied at epoch ends), 'frozen'."""
 
     # --- execution -------------------------------------------------------------------------------
     precision: str = "fp32"
@@ -255,6 +266,10 @@ def _validate(cfg: DinoConfig) -> None:
     _check_range(cfg, "freeze_last_layer", 0.0, float(cfg.epochs))
     _check_range(cfg, "teacher_momentum", 0.0, 1.0)
     _check_range(cfg, "teacher_momentum_end", 0.0, 1.0)
+    if cfg.centering not in CENTERINGS:
+        _fail("centering", cfg.centering, f"one of {CENTERINGS}")
+    if cfg.teacher_update not in TEACHER_UPDATES:
+        _fail("teacher_update", cfg.teacher_update, f"one of {TEACHER_UPDATES}")
     if cfg.loss_impl not in LOSS_IMPLS:
         _fail("loss_impl", cfg.loss_impl, f"one of {LOSS_IMPLS}")
     if cfg.precision not in PRECISIONS:
@@ -284,4 +299,13 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["DinoConfig", "config_fields", "field_doc", "MAX_GLOBAL_CROPS", "MAX_LOCAL_CROPS", "PRECISIONS"]
+__all__ = [
+    "DinoConfig",
+    "config_fields",
+    "field_doc",
+    "CENTERINGS",
+    "MAX_GLOBAL_CROPS",
+    "MAX_LOCAL_CROPS",
+    "PRECISIONS",
+    "TEACHER_UPDATES",
+]

@@ -10,7 +10,8 @@ Closed forms (s = step, T = total steps, W = warm-up steps; all per optimizer st
   ``min + (peak - min) * (1 + cos(pi * (s - W) / (T - W))) / 2``
   where ``peak = lr * batch_size / 256`` (the paper's linear scaling rule).
 - weight decay: cosine from ``weight_decay`` at s = 0 to ``weight_decay_end`` at s = T.
-- teacher momentum: ``1 - (1 - m0) * (1 + cos(pi * s / T)) / 2``, from m0 to ``teacher_momentum_end`` (1 in the paper).
+- teacher momentum: ``1 - (1 - m0) * (1 + cos(pi * s / T)) / 2``, from m0 to ``teacher_momentum_end`` (1 in the paper);
+  0 or 1 per step for the other ``teacher_update`` modes (see `teacher_momentum`).
 - teacher temperature: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over the warm-up, then constant.
   Deviation from the reference code: the ramp is per step, not per epoch (as in DINOv2), so it has no jumps.
 After T every schedule holds its final value.
@@ -22,7 +23,8 @@ import math
 
 import torch
 
-from .config import DinoConfig
+from . import checks
+from .config import TEACHER_UPDATES, DinoConfig
 
 
 def _as_step(step: torch.Tensor | int) -> torch.Tensor:
@@ -58,8 +60,29 @@ def weight_decay(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
 
 
 def teacher_momentum(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
-    """Cosine from ``teacher_momentum`` to ``teacher_momentum_end`` (paper: 0.996 -> 1)."""
-    return _cosine(cfg.teacher_momentum, cfg.teacher_momentum_end, _as_step(step) / cfg.total_steps).float()
+    """Momentum m of the teacher update after step ``step`` (theta_t <- m theta_t + (1 - m) theta_s).
+
+    ``cfg.teacher_update`` picks the teacher of the paper's Table 6 as a momentum per step, so every
+    mode is the same EMA (no extra state, one compiled graph; m = 0 copies the student bitwise, m = 1
+    keeps the teacher bitwise):
+    - ``"ema"``: cosine from ``teacher_momentum`` to ``teacher_momentum_end`` (paper: 0.996 -> 1);
+    - ``"student_copy"``: 0 (the teacher is the student after every step);
+    - ``"previous_epoch"``: 0 when the step ends an epoch (``(step + 1) % steps_per_epoch == 0``:
+      ``step`` counts the steps taken before this one), else 1; within epoch e the teacher is the
+      student as it was at the end of epoch e - 1 (the initialization during epoch 0);
+    - ``"frozen"``: 1 (the teacher stays at its initialization).
+    """
+    mode = cfg.teacher_update
+    if mode == "ema":
+        return _cosine(cfg.teacher_momentum, cfg.teacher_momentum_end, _as_step(step) / cfg.total_steps).float()
+    s = _as_step(step)
+    if mode == "student_copy":
+        return torch.zeros_like(s).float()
+    if mode == "frozen":
+        return torch.ones_like(s).float()
+    if mode == "previous_epoch":
+        return (torch.remainder(s + 1, cfg.steps_per_epoch) != 0).float()
+    checks.fail("DinoConfig.teacher_update", mode, f"one of {TEACHER_UPDATES}")  # configs validate it already
 
 
 def teacher_temperature(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:

@@ -8,7 +8,9 @@
    `torch.func.functional_call` on stateless templates; crops of one resolution share a call;
 3. loss and gradients with `torch.func.grad_and_value` (the loss returns the batch center too);
 4. per-parameter gradient clipping, AdamW, last-layer freezing;
-5. teacher EMA (one `_foreach_lerp_`), then the center EMA with the batch center (`update_center_`).
+5. teacher EMA (one `_foreach_lerp_`), then the center EMA with the batch center (`update_center_`);
+   the ablations of `DinoConfig.teacher_update` and ``centering="none"`` change only the momentum
+   schedule and skip the center EMA (the teacher then subtracts 0).
 
 Donation: ``train_step`` updates the tensors of the input state IN PLACE and returns a state
 holding those same tensors (like JAX's donated buffers: no second copy of parameters, moments or
@@ -134,6 +136,14 @@ def _checkpointed_grad_and_value(
     return dict(zip(leaves, grads)), (loss.detach(), aux)
 
 
+def loss_center(cfg: DinoConfig, state: TrainState) -> torch.Tensor:
+    """The ``[K]`` center the teacher softmax subtracts: the running center, or 0 when ``centering="none"``
+    (the state's center then never updates; zeros here also hold for a state resumed from a centered run)."""
+    if cfg.centering == "none":
+        return torch.zeros_like(state.center)
+    return state.center
+
+
 def apply_update(
     cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: torch.Tensor, sched: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -159,8 +169,10 @@ def apply_update(
             adamw_frozen_aware_(*args, frozen=frozen, regularized=regularized, **common)
         else:
             adamw_(*args, regularized=regularized, **common)
+    # Every teacher_update mode is this EMA with its own momentum schedule (0 copies, 1 keeps).
     ema_update_([state.teacher[k] for k in names], [state.student[k] for k in names], sched["momentum"])
-    update_center_(state.center, batch_center, cfg.center_momentum)
+    if cfg.centering == "ema":
+        update_center_(state.center, batch_center, cfg.center_momentum)
     state.step.add_(1)
     return {"grad_norm": grad_norm}
 
@@ -170,7 +182,7 @@ def _full_step(
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch without accumulation or collectives (one compiled graph)."""
     sched = schedules.all_schedules(cfg, state.step)
-    grads, out = micro_grads(cfg, nets, state, crops, state.center, sched["teacher_temp"])
+    grads, out = micro_grads(cfg, nets, state, crops, loss_center(cfg, state), sched["teacher_temp"])
     metrics = apply_update(cfg, state, grads, out.pop("batch_center"), sched)
     return {**sched, **out, **metrics}
 
@@ -190,10 +202,11 @@ def _accumulated_step(
     n_micro = cfg.grad_accum_steps
     chunks = [torch.chunk(c, n_micro) for c in crops]
     sched = schedules.all_schedules(cfg, state.step)
+    center = loss_center(cfg, state)
     total: Tree | None = None
     outs: list[dict[str, torch.Tensor]] = []
     for i in range(n_micro):
-        grads, out = grad_fn(cfg, nets, state, [c[i] for c in chunks], state.center, sched["teacher_temp"])
+        grads, out = grad_fn(cfg, nets, state, [c[i] for c in chunks], center, sched["teacher_temp"])
         if total is None:
             total = {k: g / n_micro for k, g in grads.items()}
         else:
