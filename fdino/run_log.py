@@ -1,32 +1,34 @@
-"""The run's record: metrics.jsonl and TensorBoard while it trains; curves.png, summary.json and the
-printed summary when it ends. Rank 0 writes; nothing here evaluates a model.
+"""The run's record: metrics.jsonl and the trackers (TensorBoard, MLflow, W&B) while it trains;
+curves.png, summary.json and the printed summary when it ends. Rank 0 writes; nothing here
+evaluates a model.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import DinoConfig
 from .loop_state import LoopState, StepTimer
+from .trackers import Tracker
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per log step) and TensorBoard scalars, rank 0 only."""
+    """metrics.jsonl (one JSON object per log step) and the run's trackers (fdino.trackers), rank 0 only.
 
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, purge_step: int) -> None:
+    The trackers are made by the training job with their config already logged; this passes them the
+    metrics of each log step and the final files, and closes them.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, trackers: Sequence[Tracker] = ()) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.trackers = list(trackers) if enabled else []
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (slow import, only when asked)
-
-                # purge_step drops events a killed run logged after its last checkpoint.
-                self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge_step or None)
 
     def write(self, step: int, epoch: int, values: dict[str, float], *, images_per_s: float) -> None:
         if not self.enabled:
@@ -34,23 +36,31 @@ class MetricsLog:
         record = {"step": step, "epoch": epoch, "time": time.time(), "images_per_s": images_per_s, **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
-            self.writer.add_scalar("train/images_per_s", images_per_s, step)
+        scalars = {f"train/{name}": value for name, value in values.items()}
+        scalars["train/images_per_s"] = images_per_s
+        for tracker in self.trackers:
+            tracker.log_metrics(scalars, step)
 
     def scalar(self, name: str, value: float, step: int) -> None:
-        if self.enabled and self.writer is not None:
-            self.writer.add_scalar(name, value, step)
+        for tracker in self.trackers:
+            tracker.log_metrics({name: value}, step)
 
     def event(self, kind: str, message: str) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"event": kind, "message": message, "time": time.time()}) + "\n")
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def artifacts(self, paths: Sequence[Path]) -> None:
+        """The run's final files (curves, summary, attention maps) to every tracker."""
+        for path in paths:
+            for tracker in self.trackers:
+                tracker.log_artifact(path)
+
+    def close(self, *, failed: bool = False) -> None:
+        """Close the trackers once (``failed``: the run stopped on an error); later calls do nothing."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(failed=failed)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

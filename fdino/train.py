@@ -2,9 +2,10 @@
 
     summary = fdino.train.run(cfg, TrainOptions(data="shapes10", run_dir="runs/demo"))
 
-The run folder holds ``run.json`` (config and options), ``metrics.jsonl``, TensorBoard events in
-``tb/``, checkpoints ``ckpt-<step>.pt`` (state + loader position, atomic, newest few kept),
-``summary.json``, ``curves.png`` and ``attention/*.png``. ``resume(run_dir)`` continues from the
+The run folder holds ``run.json`` (config and options), ``metrics.jsonl``, the trackers' records
+(TensorBoard events in ``tb/``; optionally MLflow in ``mlruns/``, W&B in ``wandb/``), checkpoints
+``ckpt-<step>.pt`` (state + loader position, atomic, newest few kept), ``summary.json``,
+``curves.png`` and ``attention/*.png``. ``resume(run_dir)`` continues from the
 newest checkpoint mid-epoch: the data order and augmentations are functions of (seed, epoch,
 index) and the step's randomness comes from the state, so an interrupted and resumed run ends
 bitwise equal to an uninterrupted one (CPU, deterministic mode).
@@ -35,6 +36,7 @@ from .loop_state import LoopState, StepTimer
 from .run_log import MetricsLog, finish_report
 from .state import TrainState, init_state
 from .step import train_step, train_step_eager
+from .trackers import check_available, make_trackers, parse_trackers
 from .train_eval import EvalSets, evaluate_knn, save_attention
 
 
@@ -84,7 +86,9 @@ class TrainOptions:
     attention_images: int = 4
     """Images whose attention maps are saved at the end (ViT backbones)."""
     tensorboard: bool = True
-    """Write TensorBoard events to run_dir/tb."""
+    """Write TensorBoard events to run_dir/tb (off: drops tensorboard from the trackers)."""
+    trackers: str = "tensorboard"
+    """Experiment trackers, comma-separated: tensorboard, mlflow (run_dir/mlruns), wandb (offline); 'none'."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -105,6 +109,12 @@ class TrainOptions:
         check_real("TrainOptions.max_minutes", self.max_minutes, lo=0)  # 0: no limit
         if self.device not in DEVICES:
             raise ValueError(f"TrainOptions.device={self.device!r} is invalid: choose one of {DEVICES}")
+        parse_trackers(self.trackers)
+
+    @property
+    def tracker_names(self) -> tuple[str, ...]:
+        """The trackers this run writes to: ``trackers`` less tensorboard when ``tensorboard`` is off."""
+        return tuple(n for n in parse_trackers(self.trackers) if self.tensorboard or n != "tensorboard")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +133,7 @@ RESUMABLE_OVERRIDES = (
     "max_minutes",
     "progress",
     "tensorboard",
+    "trackers",
     "deterministic",
 )
 
@@ -180,6 +191,8 @@ def _train_process(
     if opts.deterministic:
         torch.use_deterministic_algorithms(True)
     run_dir = Path(opts.run_dir)
+    if info.is_main:
+        check_available(opts.tracker_names)  # a missing extra fails before any data or compile work
 
     # --- input ---------------------------------------------------------------------------------------
     train_src = build_dataset(
@@ -214,7 +227,6 @@ def _train_process(
     step_fn = train_step if opts.compile else train_step_eager
 
     # --- outputs (rank 0 only) -----------------------------------------------------------------------
-    log = MetricsLog(run_dir, enabled=info.is_main, tensorboard=opts.tensorboard, purge_step=loop.step)
     if info.is_main and resume_from is None:
         _start_run_folder(run_dir, cfg, opts, overwrite=overwrite)
     evals = EvalSets.build(opts, cfg, device) if info.is_main else None
@@ -224,6 +236,10 @@ def _train_process(
     if knn_on and loop.knn_init is None:
         knn_init = evaluate_knn(evals, state)
         loop = dataclasses.replace(loop, knn_init=knn_init, knn_raw_pixels=evals.raw_pixel_knn()).with_knn(0, knn_init)
+
+    run_params = {"config": cfg.to_dict(), "options": opts.to_dict()}
+    trackers = make_trackers(opts.tracker_names, run_dir, run_params, loop.step) if info.is_main else []
+    log = MetricsLog(run_dir, enabled=info.is_main, trackers=trackers)
 
     # --- loop ----------------------------------------------------------------------------------------
     total = cfg.total_steps if opts.max_steps <= 0 else min(opts.max_steps, cfg.total_steps)
@@ -255,29 +271,38 @@ def _train_process(
                 _save(run_dir, state, metrics, loop, info, opts)
             if out_of_time:
                 break
+    except BaseException:
+        log.close(failed=True)  # the trackers mark the run failed; a resume continues it
+        raise
     finally:
         bar.close()
-        log.close()
     loop = dataclasses.replace(loop, elapsed=elapsed_before + timer.seconds())
 
     # --- summary (rank 0) ----------------------------------------------------------------------------
     if not info.is_main:
         return {}
-    if knn_on:
-        loop = loop.with_knn(loop.step, evaluate_knn(evals, state))
-    attention = save_attention(run_dir, evals, state, opts.attention_images)
-    return finish_report(
-        run_dir,
-        cfg,
-        opts,
-        loop,
-        timer,
-        knn_queries=len(evals.query) if knn_on else None,
-        knn_split=evals.note if evals is not None else "",
-        attention=attention,
-        skipped=loader.skipped,
-        last_metrics=last_values,
-    )
+    try:
+        if knn_on:
+            loop = loop.with_knn(loop.step, evaluate_knn(evals, state))
+        attention = save_attention(run_dir, evals, state, opts.attention_images)
+        summary = finish_report(
+            run_dir,
+            cfg,
+            opts,
+            loop,
+            timer,
+            knn_queries=len(evals.query) if knn_on else None,
+            knn_split=evals.note if evals is not None else "",
+            attention=attention,
+            skipped=loader.skipped,
+            last_metrics=last_values,
+        )
+        log.artifacts([run_dir / "curves.png", run_dir / "summary.json", *([attention] if attention else [])])
+    except BaseException:
+        log.close(failed=True)
+        raise
+    log.close()
+    return summary
 
 
 def _start_run_folder(run_dir: Path, cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool) -> None:
