@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fdino-installed
-EXTRAS ?= test,export,serve
+# mlflow and wandb too, so their tracker tests run instead of skipping.
+EXTRAS ?= test,export,serve,mlflow,wandb
 
 .PHONY: setup demo lint test test-system-deps bench clean
 
