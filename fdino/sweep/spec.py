@@ -81,8 +81,7 @@ class SweepSpec:
             )
         if "run_dir" in dict(self.options):
             raise ValueError("SweepSpec.options: run_dir is set by the sweep (one folder per variant and seed)")
-        for _ in self.runs():  # every variant's config and options validate now, not hours into the sweep
-            pass
+        list(self.runs())  # builds every variant's config and options: they fail now, not hours into the sweep
 
     def base_config(self) -> DinoConfig:
         return PRESETS[self.preset]().replace(**dict(self.config))
