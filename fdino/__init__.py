@@ -6,6 +6,7 @@ Vision Transformers") in PyTorch.
 """
 
 from . import presets, schedules
+from .batched import BatchedState, batched_train_step, batched_train_step_eager, init_batched, stack_states, unstack
 from .config import DinoConfig
 from .diagnostics import collapse_report, teacher_diagnostics
 from .ema import ema_update_
@@ -19,8 +20,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamWState",
+    "BatchedState",
     "DinoConfig",
     "TrainState",
+    "batched_train_step",
+    "batched_train_step_eager",
     "check_batch",
     "clone_state",
     "collapse_report",
@@ -29,12 +33,15 @@ __all__ = [
     "dino_loss",
     "dino_loss_reference",
     "ema_update_",
+    "init_batched",
     "init_state",
     "presets",
     "schedules",
+    "stack_states",
     "teacher_diagnostics",
     "train_step",
     "train_step_eager",
     "tree_allclose",
+    "unstack",
     "update_center_",
 ]

@@ -110,9 +110,11 @@ def finish_report(
     attention: Path | None,
     skipped: dict[str, str],
     last_metrics: dict[str, float],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Curves, summary.json and the printed summary of a finished run; returns the summary.
 
+    ``extra``: more keys for summary.json (a batched run records how many variants shared its steps).
     ``knn_queries``: held-out images of the k-NN evaluation (None: none ran; then the k-NN keys are
     absent), whose final reading is the last of ``loop.knn_history``.
     """
@@ -130,6 +132,7 @@ def finish_report(
         "skipped_files": len(skipped),
         "final_loss": last_metrics.get("loss"),
         "collapse_warning": loop.collapse_warning,
+        **(extra or {}),
     }
     if knn_queries is not None:
         summary.update(

@@ -90,7 +90,7 @@ def teacher_temperature(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tens
     s = _as_step(step)
     warm = cfg.warmup_teacher_temp_epochs * cfg.steps_per_epoch
     if warm <= 0:
-        return torch.full_like(s, cfg.teacher_temp).float()
+        return (torch.zeros_like(s) + cfg.teacher_temp).float()  # + also takes a tensor (fdino.batched)
     ramp = cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * (s / warm).clamp(max=1.0)
     return ramp.float()
 

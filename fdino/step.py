@@ -81,12 +81,15 @@ def micro_grads(
     crops: Sequence[torch.Tensor],
     center: torch.Tensor,
     teacher_temp: torch.Tensor,
+    student_temp: torch.Tensor | float | None = None,
 ) -> tuple[Tree, dict[str, torch.Tensor]]:
     """Gradients of the DINO loss on one (micro-)batch w.r.t. the student parameters.
 
+    ``student_temp`` defaults to ``cfg.student_temp``; `fdino.batched` passes each variant's as a tensor.
     Returns ``(grads, out)`` with ``out`` holding ``loss``, ``batch_center`` and the diagnostics.
     """
     g = cfg.n_global_crops
+    student_temp = cfg.student_temp if student_temp is None else student_temp
     t_logits = teacher_logits(cfg, nets.teacher, state.teacher, state.teacher_buffers, crops[:g])
 
     def loss_of_logits(s_logits: torch.Tensor):
@@ -94,7 +97,7 @@ def micro_grads(
             s_logits,
             t_logits,
             center,
-            student_temp=cfg.student_temp,
+            student_temp=student_temp,
             teacher_temp=teacher_temp,
             n_global_crops=g,
             impl=cfg.loss_impl,

@@ -138,7 +138,7 @@ RESUMABLE_OVERRIDES = (
 )
 
 
-def _resolve_device(name: str, info_device: torch.device) -> str:
+def resolve_device(name: str, info_device: torch.device) -> str:
     """``name`` is one of DEVICES (TrainOptions checks it); 'auto' follows the distributed setup."""
     if name == "auto":
         return info_device.type
@@ -185,7 +185,7 @@ def _train(cfg: DinoConfig, opts: TrainOptions, *, resume_from: Path | None, ove
 def _train_process(
     cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_from: Path | None, overwrite: bool
 ) -> dict[str, Any]:
-    device = torch.device(_resolve_device(opts.device, info.device))
+    device = torch.device(resolve_device(opts.device, info.device))
     if device.type == "cuda" and info.enabled:
         device = info.device
     if opts.deterministic:
@@ -228,7 +228,7 @@ def _train_process(
 
     # --- outputs (rank 0 only) -----------------------------------------------------------------------
     if info.is_main and resume_from is None:
-        _start_run_folder(run_dir, cfg, opts, overwrite=overwrite)
+        start_run_folder(run_dir, cfg, opts, overwrite=overwrite)
     evals = EvalSets.build(opts, cfg, device) if info.is_main else None
     knn_on = evals is not None and evals.labeled
 
@@ -245,7 +245,7 @@ def _train_process(
     total = cfg.total_steps if opts.max_steps <= 0 else min(opts.max_steps, cfg.total_steps)
     elapsed_before = loop.elapsed  # wall time of the processes before this one
     timer = StepTimer.start()
-    bar = _progress_bar(total, loop.step, enabled=opts.progress and info.is_main)
+    bar = progress_bar(total, loop.step, enabled=opts.progress and info.is_main)
     last_values: dict[str, float] = {}
     try:
         for _, epoch, crops, _labels in itertools.islice(loader.steps(loop.step), max(total - loop.step, 0)):
@@ -259,8 +259,8 @@ def _train_process(
             step = loop.step
             bar.update(1)
             if step % opts.log_every == 0 or step == total:
-                last_values = _read_metrics(metrics, step, run_dir)
-                loop = _log_reading(last_values, step, epoch, cfg, loop, timer, log, bar)
+                last_values = read_step_metrics(metrics, step, run_dir)
+                loop = log_reading(last_values, step, epoch, cfg, loop, timer, log, bar)
             if knn_on and opts.eval_every and step % opts.eval_every == 0:
                 loop = loop.with_knn(step, evaluate_knn(evals, state))
                 log.scalar("knn/top1", loop.knn_history[-1].top1, step)
@@ -305,7 +305,7 @@ def _train_process(
     return summary
 
 
-def _start_run_folder(run_dir: Path, cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool) -> None:
+def start_run_folder(run_dir: Path, cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool) -> None:
     """run.json of a new run; with ``overwrite``, the old run's checkpoints and metrics go first."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -316,7 +316,7 @@ def _start_run_folder(run_dir: Path, cfg: DinoConfig, opts: TrainOptions, *, ove
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def _read_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path) -> dict[str, float]:
+def read_step_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path) -> dict[str, float]:
     values = {k: float(v) for k, v in metrics.items()}  # the loop's only per-log host sync
     if not math.isfinite(values["loss"]):
         last = ckpt.list_checkpoints(run_dir)
@@ -329,7 +329,7 @@ def _read_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path) ->
     return values
 
 
-def _log_reading(
+def log_reading(
     values: dict[str, float],
     step: int,
     epoch: int,
@@ -357,7 +357,7 @@ def _log_reading(
     return loop
 
 
-def _params_finite(state: TrainState) -> bool:
+def params_finite(state: TrainState) -> bool:
     norms = torch._foreach_norm(list(state.student.values()) + list(state.teacher.values()))
     return bool(torch.isfinite(torch.stack(norms)).all() and torch.isfinite(state.center).all())
 
@@ -373,13 +373,13 @@ def _save(
     """Checkpoint on rank 0, only a state whose loss and parameters are finite."""
     if not info.is_main:
         return
-    _read_metrics(metrics, loop.step, run_dir)
-    if not _params_finite(state):
+    read_step_metrics(metrics, loop.step, run_dir)
+    if not params_finite(state):
         raise NonFiniteLossError(
             f"parameters became non-finite at step {loop.step}; not saved, previous checkpoints kept"
         )
     ckpt.save_checkpoint(run_dir, state, loop.to_dict(), keep=opts.keep_checkpoints)  # rank 0: no RNG offset
 
 
-def _progress_bar(total: int, initial: int, *, enabled: bool):
+def progress_bar(total: int, initial: int, *, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True, desc="fdino train")

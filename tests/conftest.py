@@ -54,3 +54,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def two_class_folder(tmp_path_factory):
+    """An image folder of 2 classes x 12 random 20 px PNGs (class c has channel c at 255): trains in seconds."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("two_class_folder")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir()
+        for i in range(12):
+            pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            pixels[..., c] = 255
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    return root

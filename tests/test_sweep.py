@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 from helpers import png_pixels
-from PIL import Image
 
 from fdino import cli
 from fdino.sweep import STUDIES, SweepSpec, Variant, load_spec, run_folder, run_sweep, study_spec
@@ -108,16 +106,8 @@ def test_reading_names_collapse_and_the_best_variant():
 
 # --- a whole sweep ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / f"class{c}").mkdir()
-        for i in range(12):
-            pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
-            pixels[..., c] = 255
-            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
-    return root
+def images(two_class_folder):
+    return two_class_folder
 
 
 def tiny_spec(images, **changes):
@@ -138,7 +128,7 @@ def tiny_spec(images, **changes):
 def swept(images, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep")
     said = []
-    results = run_sweep(tiny_spec(images), out, say=said.append)
+    results = run_sweep(tiny_spec(images), out, batched="off", say=said.append)
     return out, results, said
 
 
@@ -172,7 +162,7 @@ def test_rerun_keeps_finished_runs_and_resumes_interrupted_ones(swept, images):
     interrupted = run_folder(out, "t=0.04, m=0.9", 0)
     (interrupted / "summary.json").unlink()  # as if killed after its last checkpoint
     said = []
-    again = run_sweep(tiny_spec(images), out, say=said.append)
+    again = run_sweep(tiny_spec(images), out, batched="off", say=said.append)
     assert sum("finished earlier, kept" in line for line in said) == 3
     assert [line for line in said if "resuming" in line] == [f"[1/4] t=0.04, m=0.9, seed 0: resuming {interrupted}"]
     assert kept.stat().st_mtime_ns == before

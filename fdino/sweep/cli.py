@@ -23,6 +23,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--study", choices=sorted(STUDIES), help="a built-in study instead of a file")
     p.add_argument("--out", type=Path, help="sweep folder (default: runs/sweep-<name>)")
     p.add_argument("--overwrite", action="store_true", help="replace another sweep's spec in --out")
+    p.add_argument(
+        "--batched",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="train variants that differ only in scalars (seeds, temperatures, momentums, lr, ...) as one vmapped "
+        "batch: auto (default) measures which is faster on this device and says so; on; off (one after another)",
+    )
     g = p.add_argument_group("with --study (a file sets these itself)")
     g.add_argument("--preset", default="small32_resnet", help="base preset (default: small32_resnet)")
     g.add_argument("--data", default="shapes10", help="data set name or image folder (default: shapes10)")
@@ -60,7 +67,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     try:
         spec = _spec_from_args(args)
         out = args.out or Path("runs") / f"sweep-{spec.name}"
-        run_sweep(spec, out, overwrite=args.overwrite)
+        run_sweep(spec, out, overwrite=args.overwrite, batched=args.batched)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ def _run_record(run_dir: Path, out_dim: int) -> dict[str, Any] | None:
         "knn_history": history,
         "images_per_s": summary.get("images_per_s"),
         "wall_time_s": summary.get("wall_time_s"),
+        "batched_variants": summary.get("batched_variants", 1),
         "collapse": collapse_mode(last, out_dim) if last else None,
         **{f"{k}_end": last.get(k) for k in _END},
         "diagnostics": [{"step": r["step"], **{k: r.get(k) for k in _END}} for r in metrics],
@@ -65,7 +66,10 @@ def summarize(spec: SweepSpec, runs: list[tuple[Variant, int, Path]]) -> dict[st
             entry[key] = mean_std([r[key] for r in records])
         entry["collapse"] = sorted({r["collapse"] for r in records if r["collapse"]})
         entry["seeds_done"] = len(records)
+        entry["batched_variants"] = max((r["batched_variants"] for r in records), default=None)
     every = [r for e in variants.values() for r in e["runs"].values()]
+    # A batched run's wall time is its whole group's: each of its k runs counts 1/k of it.
+    training = sum(r["wall_time_s"] / r["batched_variants"] for r in every if r["wall_time_s"] is not None)
     return {
         "name": spec.name,
         "study": spec.study,
@@ -74,6 +78,7 @@ def summarize(spec: SweepSpec, runs: list[tuple[Variant, int, Path]]) -> dict[st
         "config": dict(spec.config),
         "options": dict(spec.options),
         "seeds": list(spec.seeds),
+        "training_time_s": round(training, 1),
         "baselines": {
             "knn_raw_pixels": mean_std([r["knn_raw_pixels"] for r in every]),
             "knn_init": mean_std([r["knn_init"] for r in every]),
@@ -118,20 +123,24 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{results['seeds']}; config {results['config'] or '{}'}. Mean +- std over seeds.",
         "",
         "| variant | seeds | final k-NN top-1 (%) | best k-NN top-1 (%) | teacher entropy (end) | KL (end) "
-        "| effective dims (end) | images/s | wall time (s) | collapse |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| effective dims (end) | images/s | wall time (s) | trained with | collapse |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results["variants"].items():
         lines.append(
             f"| {name} | {e['seeds_done']} | {_fmt(e['knn_final'])} | {_fmt(e['knn_best'])} "
             f"| {_fmt(e['teacher_entropy_end'], 3)} | {_fmt(e['kl_end'], 3)} | {_fmt(e['teacher_effective_dims_end'])} "
-            f"| {_fmt(e['images_per_s'], 0)} | {_fmt(e['wall_time_s'], 0)} | {', '.join(e['collapse']) or '-'} |"
+            f"| {_fmt(e['images_per_s'], 0)} | {_fmt(e['wall_time_s'], 0)} | {_together(e['batched_variants'])} "
+            f"| {', '.join(e['collapse']) or '-'} |"
         )
     base = results["baselines"]
     lines += [
         "",
         f"Baselines (same k-NN, same images): raw pixels {_fmt(base['knn_raw_pixels'])}%, "
         f"the network at initialization {_fmt(base['knn_init'])}%.",
+        "",
+        f"Training time of the whole sweep: {results['training_time_s']:.0f} s (a batched run's wall time, shared "
+        "by its variants, is counted once; its images/s are per variant).",
         "",
         "## Reading (automatic)",
         "",
@@ -140,6 +149,12 @@ def results_markdown(results: dict[str, Any]) -> str:
     if results["paper"]:
         lines += ["", "## What the paper reports", "", results["paper"]]
     return "\n".join(lines) + "\n"
+
+
+def _together(batched_variants: int | None) -> str:
+    if not batched_variants:
+        return "n/a"
+    return "alone" if batched_variants == 1 else f"a batch of {batched_variants}"
 
 
 def save_curves(results: dict[str, Any], path: Path) -> Path:

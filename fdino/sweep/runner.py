@@ -8,6 +8,11 @@ Layout of the sweep folder::
 
 A finished run (its summary.json exists) is not trained again; an interrupted one resumes from
 its newest checkpoint, mid-epoch, exactly as ``fdino train --resume`` does.
+
+Variants that differ only in batchable fields (`fdino.batched.BATCHABLE`: seeds, temperatures,
+momentums, lr, ...) can train as one batched run (`fdino.batched.train_batched`) that writes the
+same folders. ``batched="auto"`` decides per group from a short measurement on this device
+(`fdino.batched.measure`), "on" and "off" force it; the sweep says which it chose.
 """
 
 from __future__ import annotations
@@ -21,10 +26,16 @@ from typing import Any
 
 from .. import checkpoint as ckpt
 from .. import train
+from ..batched import batch_groups
+from ..batched.measure import measure
+from ..batched.train import train_batched
+from ..data import build_dataset
+from ..state import default_device
 from .report import write_report
 from .spec import SweepSpec
 
 SPEC_FILE = "sweep.json"
+BATCHED_MODES = ("auto", "on", "off")
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
@@ -38,9 +49,19 @@ def run_folder(out_dir: Path, variant_name: str, seed: int) -> Path:
 
 
 def run_sweep(
-    spec: SweepSpec, out_dir: str | Path, *, overwrite: bool = False, say: Callable[[str], None] = print
+    spec: SweepSpec,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    batched: str = "auto",
+    say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train every run of ``spec`` that is not finished yet, then write the report; returns results.json's dict."""
+    """Train every run of ``spec`` that is not finished yet, then write the report; returns results.json's dict.
+
+    ``batched``: "auto" (measure, then batch the groups where it is faster), "on" or "off".
+    """
+    if batched not in BATCHED_MODES:
+        raise ValueError(f"batched={batched!r}: choose one of {BATCHED_MODES}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / SPEC_FILE
@@ -54,19 +75,53 @@ def run_sweep(
             )
     spec_path.write_text(json.dumps(wanted, indent=2) + "\n")
     runs = list(spec.runs())
+    pending = []
     for i, (variant, seed, cfg, opts) in enumerate(runs, 1):
         run_dir = run_folder(out_dir, variant.name, seed)
         label = f"[{i}/{len(runs)}] {variant.name}, seed {seed}"
         if _finished(run_dir, cfg):
             say(f"{label}: finished earlier, kept")
-            continue
-        if ckpt.list_checkpoints(run_dir) and _same_config(run_dir, cfg):
-            say(f"{label}: resuming {run_dir}")
-            train.resume(run_dir)
         else:
-            say(f"{label}: training in {run_dir}")
-            train.run(cfg, dataclasses.replace(opts, run_dir=str(run_dir)), overwrite=True)
+            pending.append((label, cfg, opts, run_dir))
+    for group in batch_groups([cfg for _, cfg, _, _ in pending]):
+        members = [pending[i] for i in group]
+        if len(members) > 1 and _batch_this(members, batched, say):
+            _train_together(members, say)
+        else:
+            for label, cfg, opts, run_dir in members:
+                _train_one(label, cfg, opts, run_dir, say)
     return write_report(spec, out_dir, [(v, s, run_folder(out_dir, v.name, s)) for v, s, _, _ in runs])
+
+
+def _train_one(label: str, cfg, opts: train.TrainOptions, run_dir: Path, say) -> None:
+    if ckpt.list_checkpoints(run_dir) and _same_config(run_dir, cfg):
+        say(f"{label}: resuming {run_dir}")
+        train.resume(run_dir)
+    else:
+        say(f"{label}: training in {run_dir}")
+        train.run(cfg, dataclasses.replace(opts, run_dir=str(run_dir)), overwrite=True)
+
+
+def _batch_this(members, batched: str, say) -> bool:
+    if batched != "auto":
+        return batched == "on"
+    cfgs, opts = [m[1] for m in members], members[0][2]
+    if cfgs[0].grad_accum_steps != 1 or cfgs[0].grad_checkpointing:
+        return False  # not vmapped (fdino.batched.step.check_batched_batch)
+    data = build_dataset(opts.data, root=opts.data_root, split="train", image_size=cfgs[0].global_crop_size)
+    device = train.resolve_device(opts.device, default_device())
+    choice = measure(cfgs, data.dataset, device)
+    say(choice.message(len(cfgs)))
+    return choice.batched
+
+
+def _train_together(members, say) -> None:
+    """One batched run of the group; resumed when every member has a checkpoint of its config."""
+    cfgs, opts, run_dirs = [m[1] for m in members], members[0][2], [m[3] for m in members]
+    resume = all(ckpt.list_checkpoints(d) and _same_config(d, c) for c, d in zip(cfgs, run_dirs))
+    for label, _, _, run_dir in members:
+        say(f"{label}: {'resuming' if resume else 'training'} in {run_dir} (batched with {len(members) - 1} more)")
+    train_batched(cfgs, opts, run_dirs, resume=resume)
 
 
 def _same_config(run_dir: Path, cfg) -> bool:
