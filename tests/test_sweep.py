@@ -155,6 +155,17 @@ def test_sweep_trains_every_variant_and_seed_and_reports_them(swept):
     png_pixels(out / "heatmap.png")
 
 
+def test_sequential_runs_start_from_a_clean_compile_cache(images, tmp_path, monkeypatch):
+    # dynamo keeps 8 graphs per function: without a reset, a sweep's 9th config would train eager.
+    resets, trained = [], []
+    monkeypatch.setattr("torch._dynamo.reset", lambda: resets.append(len(trained)))
+    monkeypatch.setattr("fdino.train.run", lambda cfg, opts, **_: trained.append(cfg))
+    spec = tiny_spec(images, seeds=(0,))
+    spec = SweepSpec(**{**spec.__dict__, "options": (*spec.options, ("compile", True))})
+    run_sweep(spec, tmp_path, batched="off", say=lambda _: None)
+    assert resets == [0, 1] and len(trained) == 2  # a reset before each run
+
+
 def test_rerun_keeps_finished_runs_and_resumes_interrupted_ones(swept, images):
     out, results, _ = swept
     kept = run_folder(out, "t=0.07, m=0.9", 1) / "summary.json"

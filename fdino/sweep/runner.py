@@ -24,6 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch._dynamo
+
 from .. import checkpoint as ckpt
 from .. import train
 from ..batched import batch_groups
@@ -94,6 +97,11 @@ def run_sweep(
 
 
 def _train_one(label: str, cfg, opts: train.TrainOptions, run_dir: Path, say) -> None:
+    # The compiled single step is one graph per config, and dynamo keeps at most recompile_limit (8)
+    # graphs per function: from the 9th variant of a sweep on, the step would silently run eager.
+    # A variant never reuses another's graph, so forgetting them all loses nothing.
+    if opts.compile:
+        torch._dynamo.reset()
     if ckpt.list_checkpoints(run_dir) and _same_config(run_dir, cfg):
         say(f"{label}: resuming {run_dir}")
         train.resume(run_dir)
