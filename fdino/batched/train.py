@@ -155,7 +155,7 @@ def train_batched(
             step += 1
             bar.update(1)
             if step % opts.log_every == 0 or step == total:
-                last_values = _log(metrics, step, epoch, cfgs, loops, timer, logs, run_dirs, bar)
+                last_values, loops = _log(metrics, step, epoch, cfgs, loops, timer, logs, run_dirs, bar)
             if knn_on and opts.eval_every and step % opts.eval_every == 0:
                 tops = [evaluate_knn(evals, unstack(bstate, i)) for i in range(len(cfgs))]
                 loops = [loop.with_knn(step, top1) for loop, top1 in zip(loops, tops)]
@@ -207,8 +207,10 @@ def _stack_crops(per_seed: list[list[torch.Tensor]], variant_seed: list[int], de
     return [torch.stack([moved[s][v] for s in variant_seed]) for v in range(len(moved[0]))]
 
 
-def _log(metrics, step, epoch, cfgs, loops, timer, logs, run_dirs, bar) -> list[dict[str, float]]:
-    """Each variant's reading to its own log (one host read of every metric); the loops gain collapse readings."""
+def _log(metrics, step, epoch, cfgs, loops, timer, logs, run_dirs, bar) -> tuple[list[dict[str, float]], list]:
+    """Each variant's reading to its own log (one host read of every metric); returns the readings and the
+    loops with their collapse readings."""
+    loops = list(loops)
     host = {k: v.detach().cpu() for k, v in metrics.items()}
     rate = timer.images_per_s(cfgs[0].batch_size)
     readings = []
@@ -221,7 +223,7 @@ def _log(metrics, step, epoch, cfgs, loops, timer, logs, run_dirs, bar) -> list[
             log.event("collapse_warning", loops[i].collapse_warning)
         readings.append(values)
     bar.set_postfix(loss=" ".join(f"{r['loss']:.2f}" for r in readings), img_s=f"{rate:.0f}", refresh=False)
-    return readings
+    return readings, loops
 
 
 def _save_all(bstate: BatchedState, metrics, loops, run_dirs, opts: TrainOptions) -> None:
