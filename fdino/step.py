@@ -265,18 +265,20 @@ def check_batch(cfg: DinoConfig, state: TrainState, batch: Sequence[torch.Tensor
 
 
 @contextlib.contextmanager
-def _step_rng(state: TrainState):
+def step_rng(rng: torch.Tensor, device: torch.device):
     """Reseed the device RNG from (seed, draws) for the step and restore the caller's RNG after.
 
-    Stochastic depth draws from the global generator; reseeding per step from the state makes the
-    step a function of the state alone (resume reproduces it) without touching the caller's RNG.
+    ``rng`` is a state's ``[2]`` (or a batched state's ``[N, 2]``, seeded from its first row) CPU
+    int64 tensor. Stochastic depth draws from the global generator; reseeding per step from the
+    state makes the step a function of the state alone (resume reproduces it) without touching
+    the caller's RNG.
     """
-    seed, draws = (int(v) for v in state.rng.tolist())  # a CPU tensor: no device sync
-    devices = [state.device] if state.device.type == "cuda" else []
+    seed, draws = (int(v) for v in rng.reshape(-1, 2)[0].tolist())  # a CPU tensor: no device sync
+    devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed((seed * 0x9E3779B97F4A7C15 + draws) % (2**63))
         yield
-    state.rng[1] += 1
+    rng[..., 1] += 1
 
 
 @functools.lru_cache(maxsize=8)
@@ -302,7 +304,7 @@ def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, w
     cfg = state.cfg
     check_batch(cfg, state, batch, world_size)
     crops, nets = list(batch), networks(cfg)
-    with _step_rng(state):
+    with step_rng(state.rng, state.device):
         if cfg.grad_accum_steps == 1 and reducer is None:
             full = _compiled(cfg, "full") if compiled else _full_step
             metrics = full(cfg, nets, state, crops)

@@ -19,7 +19,6 @@ Like `train_step`, the step donates its input: it updates the stacked tensors in
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Sequence
 
@@ -29,7 +28,7 @@ from torch.func import vmap
 from .. import schedules
 from ..config import DinoConfig
 from ..models import is_last_layer, is_regularized
-from ..step import Networks, check_batch, micro_grads, networks
+from ..step import Networks, check_batch, micro_grads, networks, step_rng
 from .hyper import batched_schedules, centered
 from .state import BatchedState
 
@@ -171,18 +170,6 @@ def check_batched_batch(bstate: BatchedState, batch: Sequence[torch.Tensor]) -> 
     check_batch(cfg, bstate.state, [c[0] for c in batch])
 
 
-@contextlib.contextmanager
-def _batched_rng(bstate: BatchedState):
-    """The step's RNG from the first variant's (seed, draws), as `fdino.step` seeds a single run."""
-    rng = bstate.state.rng
-    seed, draws = (int(v) for v in rng[0].tolist())
-    devices = [bstate.device] if bstate.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed((seed * 0x9E3779B97F4A7C15 + draws) % (2**63))
-        yield
-    rng[:, 1] += 1
-
-
 @functools.lru_cache(maxsize=8)
 def _compiled(cfg: DinoConfig):
     return torch.compile(_batched_full_step, fullgraph=True, dynamic=False)
@@ -193,7 +180,8 @@ def _run(bstate: BatchedState, batch: Sequence[torch.Tensor], *, compiled: bool)
     # The fused loss kernel has no vmap batching rule: the reference loss runs inside vmap.
     cfg = bstate.cfg.replace(loss_impl="reference")
     step = _compiled(cfg) if compiled else _batched_full_step
-    with _batched_rng(bstate):
+    # The step's RNG from the first variant's (seed, draws); vmap then draws per variant.
+    with step_rng(bstate.state.rng, bstate.device):
         metrics = step(cfg, networks(cfg), bstate, list(batch))
     return bstate, metrics
 
