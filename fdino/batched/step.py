@@ -117,7 +117,7 @@ def apply_stacked_update(
             [state.opt.exp_avg_sq[k] for k in group],
             [state.opt.count[k] for k in group],
         )
-        # The template's parameter names decide decay; the stacked tensor's leading axis is not a dimension.
+        # Decay is decided as for one variant: by the name and the shape without the leading variant axis.
         regularized = [is_regularized(k, state.student[k][0]) for k in group]
         before = [[t.clone() for t in ts] for ts in (tensors[0], *tensors[2:])] if frozen_group and group else None
         _adamw_stacked_(*tensors, regularized=regularized, **common)
