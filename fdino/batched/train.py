@@ -49,7 +49,7 @@ def common_checkpoint_step(run_dirs: Sequence[Path]) -> int | None:
     """The newest step at which every run folder has a checkpoint (None: there is none)."""
     steps = None
     for run_dir in run_dirs:
-        found = {int(p.name.split("-")[1].split(".")[0]) for p in ckpt.list_checkpoints(run_dir)}
+        found = {ckpt.checkpoint_step(p) for p in ckpt.list_checkpoints(run_dir)}
         steps = found if steps is None else steps & found
     return max(steps) if steps else None
 

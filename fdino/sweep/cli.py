@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from .spec import STUDIES  # noqa: PLC0415  (the command list is built without the sweep's imports)
+    from .spec import BATCHED_MODES, STUDIES  # noqa: PLC0415  (the command list is built without the sweep's imports)
 
     p = subparsers.add_parser(
         "sweep",
@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace another sweep's spec in --out")
     p.add_argument(
         "--batched",
-        choices=("auto", "on", "off"),
+        choices=BATCHED_MODES,
         default="auto",
         help="train variants that differ only in scalars (seeds, temperatures, momentums, lr, ...) as one vmapped "
         "batch: auto (default) measures which is faster on this device and says so; on; off (one after another)",

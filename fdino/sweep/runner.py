@@ -35,10 +35,9 @@ from ..batched.train import train_batched
 from ..data import build_dataset
 from ..state import default_device
 from .report import write_report
-from .spec import SweepSpec
+from .spec import BATCHED_MODES, SweepSpec
 
 SPEC_FILE = "sweep.json"
-BATCHED_MODES = ("auto", "on", "off")
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:

@@ -36,6 +36,8 @@ from ..presets import PRESETS
 from ..train import TrainOptions
 
 Overrides = tuple[tuple[str, Any], ...]
+# How a sweep trains variants that can batch (fdino.sweep.runner.run_sweep(batched=...)).
+BATCHED_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
