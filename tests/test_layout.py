@@ -40,3 +40,14 @@ def test_every_module_name_in_the_layout_section_exists():
     top_level = {"fdino/", "kernels/", "tests/", "bench/"}
     stale = sorted(tokens - tree_names() - top_level)
     assert not stale, f"README.md's Layout section names modules that do not exist: {stale}"
+
+
+def test_every_package_is_listed_for_installation():
+    """pyproject.toml lists packages by hand: a subpackage missing there works from the source tree
+    (editable installs) but is absent from a built wheel. fdino.batched once was."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {"fdino"} | {f"fdino.{p.name}" for p in (ROOT / "fdino").iterdir() if (p / "__init__.py").is_file()}
+    packages.add("fdino.kernels")
+    assert packages == listed, f"pyproject.toml [tool.setuptools] packages differ: {sorted(packages ^ listed)}"

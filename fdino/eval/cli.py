@@ -369,10 +369,10 @@ def register(subparsers) -> None:
     fmt = _Help
     ev = subparsers.add_parser(
         "eval",
-        help="measure a representation: weighted k-NN or linear probe",
+        help="measure a representation: weighted k-NN, linear probe, few-label evaluation",
         description="Evaluate frozen features as in the DINO paper.",
     )
-    ev_sub = ev.add_subparsers(dest="eval_command", metavar="{knn,linear}")
+    ev_sub = ev.add_subparsers(dest="eval_command", metavar="{knn,linear,fewshot}")
     ev_sub.required = True
 
     p = ev_sub.add_parser(
@@ -421,6 +421,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run_linear)
+
+    from ..finetune.cli import add_fewshot_parser  # noqa: PLC0415  (fdino.finetune builds on fdino.eval)
+
+    add_fewshot_parser(ev_sub)
 
     p = subparsers.add_parser(
         "attention",

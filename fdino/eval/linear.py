@@ -166,7 +166,7 @@ def linear_probe(
 
 
 # --- the paper's recipe on images ----------------------------------------------------------------------
-class _EpochIndexSampler(Sampler[list[tuple[int, int]]]):
+class EpochIndexSampler(Sampler[list[tuple[int, int]]]):
     """Shuffled batches of ``(epoch, index)`` keys; the permutation is a function of (seed, epoch)."""
 
     def __init__(self, n: int, batch_size: int, seed: int) -> None:
@@ -205,25 +205,31 @@ class RandomCropFlipDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]):
-        from torchvision.transforms import InterpolationMode  # noqa: PLC0415
-        from torchvision.transforms.v2 import functional as TF  # noqa: PLC0415
+    # Names this class's random stream; a subclass drawing other views uses its own.
+    RNG_TAG = "linear-probe"
 
+    def __getitem__(self, key: tuple[int, int]):
         from ..data.augment import as_uint8_chw  # noqa: PLC0415
         from ..data.loader import load_with_fallback  # noqa: PLC0415
         from ..data.seeds import derive_seed  # noqa: PLC0415
 
         epoch, index = key
         image, label, _ = load_with_fallback(self.source, index)
-        x = as_uint8_chw(image)
-        rng = random.Random(derive_seed(self.seed, "linear-probe", epoch, index))
+        rng = random.Random(derive_seed(self.seed, self.RNG_TAG, epoch, index))
+        return self.view(as_uint8_chw(image), rng), label
+
+    def view(self, x: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        """uint8 ``[3, H, W]`` -> one normalized training view ``[3, size, size]``."""
+        from torchvision.transforms import InterpolationMode  # noqa: PLC0415
+        from torchvision.transforms.v2 import functional as TF  # noqa: PLC0415
+
         top, left, h, w = random_resized_crop_box(x.shape[-2], x.shape[-1], self.scale, rng)
         x = TF.resized_crop(
             x, top, left, h, w, [self.size, self.size], interpolation=InterpolationMode.BICUBIC, antialias=True
         )
         if rng.random() < 0.5:
             x = TF.horizontal_flip(x)
-        return TF.normalize(x.float().div_(255.0), self.mean, self.std), label
+        return TF.normalize(x.float().div_(255.0), self.mean, self.std)
 
 
 def _collate(samples):
@@ -263,7 +269,7 @@ def linear_eval_images(
 
     lr = 0.001 * batch_size / 256 if lr is None else lr
     views = RandomCropFlipDataset(train_data, image_size, mean=mean, std=std, scale=crop_scale, seed=seed)
-    sampler = _EpochIndexSampler(len(views), batch_size, seed)
+    sampler = EpochIndexSampler(len(views), batch_size, seed)
     loader = DataLoader(views, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate)
     backbone.eval()
     w = b = buffers = None
@@ -316,6 +322,7 @@ __all__ = [
     "linear_probe",
     "linear_eval_images",
     "RandomCropFlipDataset",
+    "EpochIndexSampler",
     "cosine_lr",
     "init_linear",
     "sgd_step",

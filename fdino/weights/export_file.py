@@ -19,6 +19,9 @@ from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = "fdino-backbone-v1"
 METADATA_KEY = "fdino"
+# A model folder that is not a training run (what `fdino finetune` and `fdino supervised` write)
+# holds its backbone export under this name; `load_model(folder)` reads it.
+FOLDER_MODEL_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,4 +83,4 @@ def read_export_info(path: str | Path) -> ExportInfo | None:
     return ExportInfo.from_json(meta[METADATA_KEY]) if METADATA_KEY in meta else None
 
 
-__all__ = ["ExportInfo", "FORMAT", "METADATA_KEY", "export_safetensors", "read_export_info"]
+__all__ = ["ExportInfo", "FOLDER_MODEL_FILE", "FORMAT", "METADATA_KEY", "export_safetensors", "read_export_info"]

@@ -3,7 +3,8 @@
 Sources (`SOURCE_KINDS`), recognized in this order:
   * ``fdino-checkpoint``: an fdino run folder (its newest ``ckpt-*.pt``) or a checkpoint file; the
     backbone is rebuilt from the stored `DinoConfig`;
-  * ``fdino-export``: a ``.safetensors`` file written by ``fdino export`` (its metadata rebuilds it);
+  * ``fdino-export``: a ``.safetensors`` file written by ``fdino export`` (its metadata rebuilds it),
+    or a folder holding one as ``model.safetensors`` (``fdino finetune`` / ``fdino supervised`` output);
   * ``official``: official DINO weights (facebookresearch/dino): full training checkpoints and
     release files, the architecture read from their ``args`` or their weights when ``arch`` is None;
   * ``timm``: any other timm backbone state dict (``.pt``/``.pth``/``.safetensors``) with ``arch``.
@@ -24,17 +25,18 @@ import torch
 from torch import nn
 
 from ..checkpoint import FORMAT as CHECKPOINT_FORMAT
-from ..checkpoint import backbone_weights, resolve_checkpoint, state_from_dict
+from ..checkpoint import backbone_weights, list_checkpoints, resolve_checkpoint, state_from_dict
 from ..config import DinoConfig
 from ..models import is_vit, timm_kwargs
 from .build import build_timm_backbone, create_timm
-from .export_file import ExportInfo, read_export_info
+from .export_file import FOLDER_MODEL_FILE, ExportInfo, read_export_info
 from .files import check_which, read_weights_file, unwrap_state_dict
 from .official import guess_timm_arch
 
 SOURCE_KINDS = ("fdino-checkpoint", "fdino-export", "official", "timm")
 MODEL_SOURCES_HELP = (
-    "the model: an fdino run folder or ckpt-*.pt file; an fdino export (.safetensors written by 'fdino export'); "
+    "the model: an fdino run folder or ckpt-*.pt file; an fdino export (.safetensors written by 'fdino export', "
+    "or a folder written by 'fdino finetune' / 'fdino supervised'); "
     "official DINO weights (release .pth files and full training checkpoints; the architecture is recognized); "
     "or other timm backbone weights (.pt/.pth/.safetensors) with --arch"
 )
@@ -83,7 +85,8 @@ def _open(source: str | Path | Mapping[str, Any]) -> tuple[Any, ExportInfo | Non
     if not path.exists():
         raise FileNotFoundError(f"model source {str(source)!r} does not exist ({MODEL_SOURCES_HELP})")
     if path.is_dir():
-        path = resolve_checkpoint(path)
+        folder_model = path / FOLDER_MODEL_FILE
+        path = folder_model if folder_model.is_file() and not list_checkpoints(path) else resolve_checkpoint(path)
     export_info = read_export_info(path) if path.suffix == ".safetensors" else None
     try:
         content = read_weights_file(path)
