@@ -232,7 +232,8 @@ class RandomCropFlipDataset(Dataset):
         return TF.normalize(x.float().div_(255.0), self.mean, self.std)
 
 
-def _collate(samples):
+def collate_views(samples):
+    """``[(view [3, S, S], label)] -> (images [B, 3, S, S], labels [B])``: a batch of training views."""
     return torch.stack([s[0] for s in samples]), torch.tensor([int(s[1]) for s in samples])
 
 
@@ -270,7 +271,7 @@ def linear_eval_images(
     lr = 0.001 * batch_size / 256 if lr is None else lr
     views = RandomCropFlipDataset(train_data, image_size, mean=mean, std=std, scale=crop_scale, seed=seed)
     sampler = EpochIndexSampler(len(views), batch_size, seed)
-    loader = DataLoader(views, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(views, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_views)
     backbone.eval()
     w = b = buffers = None
     total, step = epochs * len(sampler), 0
@@ -323,6 +324,7 @@ __all__ = [
     "linear_eval_images",
     "RandomCropFlipDataset",
     "EpochIndexSampler",
+    "collate_views",
     "cosine_lr",
     "init_linear",
     "sgd_step",

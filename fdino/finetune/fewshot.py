@@ -191,15 +191,7 @@ def fewshot(
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
-    return {"rows": rows, "summary": summarize(rows), "config": _config_dict(cfg), "num_classes": num_classes}
-
-
-def _config_dict(cfg: FewshotConfig) -> dict[str, Any]:
-    return {
-        f.name: (v.to_dict() if isinstance(v, FinetuneConfig) else v)
-        for f in dataclasses.fields(cfg)
-        for v in [getattr(cfg, f.name)]
-    }
+    return {"rows": rows, "summary": summarize(rows), "config": dataclasses.asdict(cfg), "num_classes": num_classes}
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from ..data.augment import (
     sample_views,
     small_image_multicrop,
 )
-from ..eval.linear import EpochIndexSampler, RandomCropFlipDataset
+from ..eval.linear import EpochIndexSampler, RandomCropFlipDataset, collate_views
 
 AUGMENTS = ("crop_flip", "dino")
 
@@ -76,10 +76,6 @@ class DinoViewDataset(RandomCropFlipDataset):
         return render_view(x, sample_views(self.crop, x.shape[-2], x.shape[-1], rng)[0], self.crop)
 
 
-def _collate(samples):
-    return torch.stack([s[0] for s in samples]), torch.tensor([int(s[1]) for s in samples])
-
-
 def view_loader(
     source: Dataset,
     *,
@@ -103,7 +99,11 @@ def view_loader(
         raise ValueError(f"augment={augment!r} is invalid: allowed one of {AUGMENTS}")
     sampler = EpochIndexSampler(len(views), batch_size, seed)
     loader = DataLoader(
-        views, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate, persistent_workers=num_workers > 0
+        views,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_views,
+        persistent_workers=num_workers > 0,
     )
     return loader, sampler
 
