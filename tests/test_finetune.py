@@ -24,15 +24,19 @@ from fdino.data import EvalTransform, build_dataset
 from fdino.eval.linear import cosine_lr, linear_eval_images
 from fdino.finetune import (
     FewshotConfig,
+    dataset_labels,
     fewshot,
     finetune,
+    label_subset,
     linear_protocol,
     load_classifier,
     lr_at,
+    matched_supervised_steps,
     save_classifier,
     train_supervised,
     vit_recipe,
 )
+from fdino.finetune.fewshot import format_markdown
 from fdino.finetune.train import with_drop_path
 from fdino.weights import load_model
 
@@ -203,8 +207,40 @@ def test_fewshot_measures_every_method_on_the_same_subsets(smoke_run, shapes16):
     assert {r["labels"] for r in rows if r["fraction"] == 0.1} == {10} and all(0 <= r["top1"] <= 100 for r in rows)
     summary = {(s["method"], s["fraction"]): s for s in result["summary"]}
     assert summary[("knn", 1.0)]["draws"] == 1 and summary[("finetune", 0.1)]["draws"] == 2
+    assert all(r["seconds"] > 0 for r in rows)
+    assert {r["steps"] for r in rows if r["method"] in ("finetune", "supervised")} == {3}
+    assert "Budgets" in format_markdown(result, "t") and "3 steps" in format_markdown(result, "t")
     with pytest.raises(ValueError, match="methods"):
         FewshotConfig(methods=("knn", "magic"))
+    with pytest.raises(ValueError, match="first_draw"):
+        FewshotConfig(first_draw=-1)
+
+
+def test_fewshot_pairs_pretraining_seeds_with_draws_and_gives_the_baseline_its_own_budget(smoke_run, shapes16):
+    """``first_draw`` shifts the label draws (pretraining seed i on draw i); ``supervised_steps`` is the
+    baseline's budget, and `matched_supervised_steps` adds the pretraining's seconds as measured steps."""
+    model = load_model(smoke_run)
+    train, test = shapes16
+    recipe = vit_recipe(batch_size=16, layer_decay=1.0)
+    cfg = FewshotConfig(
+        fractions=(0.1, 1.0), draws=1, first_draw=2, steps=2, supervised_steps=5, linear_epochs=2,
+        methods=("knn", "finetune", "supervised"), finetune=recipe, supervised=recipe,
+    )  # fmt: skip
+    rows = fewshot(model, train, test, cfg)["rows"]
+    assert {r["draw"] for r in rows} == {2}
+    assert {(r["method"], r["fraction"]) for r in rows} == {
+        (m, f) for m in ("knn", "finetune", "supervised") for f in (0.1, 1.0)
+    }  # the first draw of a fraction of 1 still measures the k-NN
+    assert {r["steps"] for r in rows if r["method"] == "supervised"} == {5}
+    assert {r["steps"] for r in rows if r["method"] == "finetune"} == {2}
+    # The subset of draw 2 is the one label_subset draws with seed 2.
+    idx = label_subset(dataset_labels(train), fraction=0.1, seed=2)
+    assert next(r for r in rows if r["fraction"] == 0.1)["labels"] == len(idx)
+    assert matched_supervised_steps(model.cfg, train, cfg, 0.0, probe_steps=2) == cfg.steps
+    many = matched_supervised_steps(model.cfg, train, cfg, 30.0, probe_steps=2)
+    assert many > cfg.steps + 10  # a 16 px ViT step takes well under 3 s
+    with pytest.raises(ValueError, match="pretrain_seconds"):
+        matched_supervised_steps(model.cfg, train, cfg, -1.0)
 
 
 # --- end to end, the commands a user runs ---------------------------------------------------------------
@@ -215,7 +251,8 @@ def _cli_end_to_end(tmp_path, source, data, *, steps, above):
     budget = f"--label-fraction 0.1 --max-steps {steps} --lr 0.8".split()
     assert fdino_main(["finetune", str(source), *common, *budget, "--out", str(out_ft)]) == 0
     assert fdino_main(["supervised", "--like", str(source), *common, *budget, "--out", str(out_sup)]) == 0
-    fewshot_args = "--fractions 0.01 --draws 1 --steps 5 --linear-epochs 20".split()
+    # --pretrain-minutes: the baseline also gets 2 s worth of its own (measured) steps.
+    fewshot_args = "--fractions 0.01 --draws 1 --steps 5 --linear-epochs 20 --pretrain-minutes 0.033".split()
     assert fdino_main(["eval", "fewshot", str(source), *common, *fewshot_args, "--out", str(out_fs)]) == 0
     for out in (out_ft, out_sup):
         report = json.loads((out / "finetune.json").read_text())
@@ -224,6 +261,7 @@ def _cli_end_to_end(tmp_path, source, data, *, steps, above):
         assert load_classifier(out).model.backbone is not None
     fs = json.loads((out_fs / "fewshot.json").read_text())
     assert {r["method"] for r in fs["rows"]} == {"knn", "linear", "finetune", "supervised", "raw_pixels"}
+    assert next(r for r in fs["rows"] if r["method"] == "supervised")["steps"] > 5
     assert (out_fs / "fewshot.md").read_text().count("|") > 10 and (out_fs / "fewshot.png").stat().st_size > 0
     # The fine-tuned folder is a model source: k-NN on it runs like on any run folder.
     assert fdino_main(["eval", "knn", str(out_ft), "--data", data, "--k", "5"]) == 0

@@ -16,7 +16,7 @@ the ViT / CNN / linear recipes), `views` (training augmentations), `train` (the 
 (the from-scratch baseline), `fewshot` (the few-label table), `files` (model folders), `cli`.
 """
 
-from .fewshot import METHODS, FewshotConfig, dataset_labels, fewshot, save_fewshot
+from .fewshot import METHODS, FewshotConfig, dataset_labels, fewshot, matched_supervised_steps, save_fewshot
 from .files import Classifier, load_classifier, save_classifier
 from .layers import frozen_names, layer_id, num_layers, param_groups, parse_freeze, set_requires_grad
 from .recipe import RECIPES, FinetuneConfig, cnn_recipe, linear_protocol, recipe_for, vit_recipe
@@ -35,6 +35,7 @@ __all__ = [
     "dataset_labels",
     "evaluate",
     "fewshot",
+    "matched_supervised_steps",
     "finetune",
     "frozen_names",
     "label_subset",

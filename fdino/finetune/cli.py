@@ -8,6 +8,7 @@ back the same way (``fdino eval knn OUT``, ``fdino finetune OUT``, ...).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -168,7 +169,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     from ..data import build_dataset  # noqa: PLC0415
     from ..presets import preset  # noqa: PLC0415
     from ..weights.cli_args import model_from_args  # noqa: PLC0415
-    from .fewshot import FewshotConfig, fewshot, save_fewshot  # noqa: PLC0415
+    from .fewshot import FewshotConfig, fewshot, matched_supervised_steps, save_fewshot  # noqa: PLC0415
     from .recipe import recipe_for  # noqa: PLC0415
     from .supervised import supervised_recipe  # noqa: PLC0415
 
@@ -176,13 +177,24 @@ def run_fewshot(args: argparse.Namespace) -> int:
     sup_cfg = preset(args.supervised_preset) if args.supervised_preset else model.cfg
     cfg = FewshotConfig(
         fractions=args.fractions, draws=args.draws, methods=tuple(args.methods), knn_k=args.k,
-        steps=args.steps, linear_epochs=args.linear_epochs,
-        finetune=recipe_for(model.backbone, args.recipe, **_overrides(args)),
+        steps=args.steps, supervised_steps=args.supervised_steps or 0, first_draw=args.first_draw,
+        linear_epochs=args.linear_epochs, finetune=recipe_for(model.backbone, args.recipe, **_overrides(args)),
         supervised=supervised_recipe(sup_cfg, **_overrides(args)) if sup_cfg is not None else None,
     )  # fmt: skip
     train = build_dataset(args.data, root=args.data_root, split="memory", image_size=model.image_size)
     test = build_dataset(args.data, root=args.data_root, split="query", image_size=model.image_size)
     print(f"few-label evaluation of {args.model} on {args.data}: {len(train)} train / {len(test)} test images")
+    if args.pretrain_minutes is not None:
+        if args.supervised_steps:
+            raise ValueError("--pretrain-minutes and --supervised-steps both set the baseline's steps: give one")
+        if "supervised" not in cfg.methods:
+            raise ValueError("--pretrain-minutes sets the supervised baseline's budget: add 'supervised' to --methods")
+        steps = matched_supervised_steps(
+            sup_cfg, train.dataset, cfg, 60 * args.pretrain_minutes, device=args.device, num_workers=args.num_workers
+        )
+        cfg = dataclasses.replace(cfg, supervised_steps=steps)
+        print(f"supervised baseline: {steps} steps = {cfg.steps} + {args.pretrain_minutes:g} min of pretraining "
+              "in supervised steps on this machine (equal budgets)")  # fmt: skip
     started = time.perf_counter()
 
     def show(row: dict) -> None:
@@ -229,7 +241,15 @@ def add_fewshot_parser(ev_sub) -> None:
     p.add_argument("--fractions", type=_floats, default=(0.01, 0.05, 0.1, 1.0), help="label fractions")
     p.add_argument("--draws", type=int, default=3, help="label subsets per fraction")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="what to measure")
-    p.add_argument("--steps", type=int, default=300, help="steps of every fine-tune and supervised run")
+    p.add_argument("--steps", type=int, default=300, help="steps of every fine-tune (and supervised run)")
+    budget = p.add_argument_group("the supervised baseline's budget (default: --steps, the fine-tune's)")
+    budget.add_argument("--supervised-steps", type=int, help="steps of every supervised run")
+    budget.add_argument(
+        "--pretrain-minutes", type=float,
+        help="minutes the model's pretraining took: the baseline trains --steps plus that many minutes "
+        "(its step time measured here first), so pretraining + fine-tuning and the baseline get equal time",
+    )  # fmt: skip
+    p.add_argument("--first-draw", type=int, default=0, help="seed of the first label draw")
     p.add_argument("--k", type=int, default=20, help="k of the k-NN")
     p.add_argument("--linear-epochs", type=int, default=100, help="epochs of the linear probe on features")
     p.add_argument("--supervised-preset", help="backbone of the supervised baseline (default: the model's own)")

@@ -4,9 +4,13 @@ supervised baseline at the same label counts and against raw pixels.
 For each label fraction (1%, 5%, 10%, 100% by default) and each draw (a seed), one class-balanced
 subset of the training split's labels (`fdino.finetune.subsets.label_subset`, deterministic in the
 draw) is what every method may use; the test split is the same held-out images for all. Features
-for k-NN and the linear probe are computed once; the fine-tunes and the supervised baseline train
-for the same number of steps at every fraction (``steps``), so their budgets are equal.
-The training data may differ from what the model was pretrained on (transfer).
+for k-NN and the linear probe are computed once; the fine-tunes train for ``steps`` at every
+fraction. The supervised baseline trains for ``supervised_steps``: ``steps`` gives the two the same
+training budget, and `matched_supervised_steps` adds the pretraining's minutes as supervised steps,
+so that pretraining + fine-tuning and the baseline get the same minutes (the fair question: "was
+pretraining worth its time?"). Every row records its steps and seconds, so the budgets are stated.
+The training data may differ from what the model was pretrained on (transfer). Several pretraining
+seeds pair with draws through ``first_draw`` (model i evaluated on draw i).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +55,10 @@ class FewshotConfig:
     fractions: tuple[float, ...] = (0.01, 0.05, 0.1, 1.0)
     """Label fractions of the training split (class-balanced subsets)."""
     draws: int = 3
-    """Subsets drawn per fraction (seeds 0..draws-1); a fraction of 1 is drawn once for k-NN and pixels."""
+    """Subsets drawn per fraction (seeds first_draw..first_draw+draws-1); a fraction of 1 is drawn once
+    for k-NN and pixels."""
+    first_draw: int = 0
+    """Seed of the first draw: pretraining seed i can take draw i, so its variance enters the mean +- std."""
     methods: tuple[str, ...] = METHODS
     """Any of `METHODS`."""
     knn_k: int = 20
@@ -58,7 +66,9 @@ class FewshotConfig:
     linear_epochs: int = 100
     """Epochs of the linear probe on cached features (the paper's 100)."""
     steps: int = 300
-    """Optimizer steps of every fine-tune and supervised run, whatever the fraction (equal budgets)."""
+    """Optimizer steps of every fine-tune, whatever the fraction."""
+    supervised_steps: int = 0
+    """Optimizer steps of every supervised run (0: ``steps``; `matched_supervised_steps` adds pretraining)."""
     finetune: FinetuneConfig | None = None
     """Fine-tuning recipe (None: `recipe_for` the backbone); its seed becomes the draw."""
     supervised: FinetuneConfig | None = None
@@ -73,6 +83,8 @@ class FewshotConfig:
                 raise ValueError(f"FewshotConfig.fractions has {f!r}: allowed fractions in (0, 1]")
         if self.draws < 1 or self.steps < 1 or self.knn_k < 1 or self.linear_epochs < 1:
             raise ValueError("FewshotConfig.draws, steps, knn_k and linear_epochs must be >= 1")
+        if self.first_draw < 0 or self.supervised_steps < 0:
+            raise ValueError("FewshotConfig.first_draw and supervised_steps must be >= 0 (supervised_steps 0: steps)")
 
 
 def dataset_labels(data: Dataset) -> torch.Tensor:
@@ -139,15 +151,16 @@ def fewshot(
 
     rows: list[dict[str, Any]] = []
     for fraction in cfg.fractions:
-        for draw in range(cfg.draws):
+        for draw in range(cfg.first_draw, cfg.first_draw + cfg.draws):
             idx = label_subset(labels, fraction=fraction, seed=draw)
             subset_labels = labels[idx]
             subset = Subset(train_data, idx.tolist())
             # With every label, k-NN and pixels have nothing random left to draw: measure them once.
-            deterministic_again = fraction == 1.0 and draw > 0
+            deterministic_again = fraction == 1.0 and draw > cfg.first_draw
             for method in methods:
                 if deterministic_again and method in ("knn", "raw_pixels"):
                     continue
+                started, steps = time.perf_counter(), 0
                 if method == "knn":
                     k = min(cfg.knn_k, len(idx))
                     acc = knn_classify(
@@ -174,24 +187,57 @@ def fewshot(
                         trainable, subset, test_data, ft, image_size=model.image_size, mean=model.mean, std=model.std,
                         num_classes=num_classes, device=device, num_workers=num_workers, dino_cfg=model.cfg,
                     )  # fmt: skip
-                    acc = {"top1": res.top1, "top5": res.top5}
+                    acc, steps = {"top1": res.top1, "top5": res.top5}, res.steps
                 else:  # supervised
+                    sup_steps = cfg.supervised_steps or cfg.steps
                     sup = sup_base.replace(
                         seed=draw,
-                        max_steps=cfg.steps,
-                        epochs=_epochs_for(cfg.steps, len(idx), sup_base.batch_size),
+                        max_steps=sup_steps,
+                        epochs=_epochs_for(sup_steps, len(idx), sup_base.batch_size),
                         eval_every_epochs=0,
                     )
                     res, _ = train_supervised(
                         supervised_cfg, subset, test_data, sup, num_classes=num_classes, device=device,
                         num_workers=num_workers,
                     )  # fmt: skip
-                    acc = {"top1": res.top1, "top5": res.top5}
+                    acc, steps = {"top1": res.top1, "top5": res.top5}, res.steps
+                seconds = time.perf_counter() - started  # training and its test evaluation
                 row = {"method": method, "fraction": fraction, "labels": len(idx), "draw": draw, **acc}
+                row |= {"steps": steps, "seconds": seconds}
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
     return {"rows": rows, "summary": summarize(rows), "config": dataclasses.asdict(cfg), "num_classes": num_classes}
+
+
+def matched_supervised_steps(
+    supervised_cfg: DinoConfig,
+    train_data: Dataset,
+    cfg: FewshotConfig,
+    pretrain_seconds: float,
+    *,
+    probe_steps: int = 20,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+) -> int:
+    """``cfg.steps`` plus as many supervised steps as fit in ``pretrain_seconds`` on this machine.
+
+    With it as ``supervised_steps`` the baseline trains as long as pretraining + fine-tuning did. The
+    step time is measured by a short supervised run of ``probe_steps`` on ``train_data`` (the
+    baseline's own recipe, batch and views), since it depends on the machine, the backbone and the loader.
+    """
+    if pretrain_seconds < 0 or probe_steps < 1:
+        raise ValueError(f"pretrain_seconds={pretrain_seconds} must be >= 0 and probe_steps={probe_steps} >= 1")
+    base = cfg.supervised or supervised_recipe(supervised_cfg)
+    probe = base.replace(
+        max_steps=probe_steps, epochs=_epochs_for(probe_steps, len(train_data), base.batch_size), eval_every_epochs=0
+    )
+    labels = dataset_labels(train_data)
+    res, _ = train_supervised(
+        supervised_cfg, train_data, Subset(train_data, [0]), probe, num_classes=int(labels.max()) + 1,
+        device=device, num_workers=num_workers,
+    )  # fmt: skip
+    return cfg.steps + math.ceil(pretrain_seconds * res.steps / max(res.seconds, 1e-9))
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -209,6 +255,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "draws": len(mine),
                 "top1_mean": mean,
                 "top1_std": std,
+                "steps": max(r.get("steps", 0) for r in mine),
+                "seconds_mean": sum(r.get("seconds", 0.0) for r in mine) / len(mine),
             }
         )
     return out
@@ -228,6 +276,12 @@ def format_markdown(result: dict[str, Any], title: str) -> str:
             hit = [s for s in summary if s["method"] == method and s["fraction"] == f]
             cells.append(f"{hit[0]['top1_mean']:.1f} +- {hit[0]['top1_std']:.1f}" if hit else "-")
         lines.append(f"| {_LABELS[method]} | " + " | ".join(cells) + " |")
+    lines += ["", "Budgets (per run, mean over fractions and draws; training plus its test evaluation):", ""]
+    for method in [m for m in METHODS if any(s["method"] == m for s in summary)]:
+        mine = [s for s in summary if s["method"] == method]
+        steps = max(s["steps"] for s in mine)
+        seconds = sum(s["seconds_mean"] for s in mine) / len(mine)
+        lines.append(f"- {_LABELS[method]}: " + (f"{steps} steps, " if steps else "") + f"{seconds:.0f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -258,4 +312,7 @@ def save_fewshot(out: str | Path, result: dict[str, Any], title: str) -> dict[st
     return paths
 
 
-__all__ = ["FewshotConfig", "METHODS", "dataset_labels", "fewshot", "format_markdown", "save_fewshot", "summarize"]
+__all__ = [
+    "FewshotConfig", "METHODS", "dataset_labels", "fewshot", "format_markdown", "matched_supervised_steps",
+    "save_fewshot", "summarize",
+]  # fmt: skip
