@@ -193,6 +193,7 @@ def run_train(args: argparse.Namespace) -> int:
 _SUBCOMMANDS = {
     "fdino.eval.cli": None,
     "fdino.sweep.cli": None,
+    "fdino.report": None,
     "fdino.finetune.cli": None,
     "fdino.export.cli": "export",
     "fdino.serve.cli": "serve",
