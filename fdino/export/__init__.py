@@ -10,18 +10,23 @@ models (official DINO weights included) and the safetensors format live in `fdin
 """
 
 from .onnx_export import OnnxBackbone, OnnxCheck, check_shapes, compare_onnx, export_onnx, onnx_session, quantize_onnx
-from .quantize import Int8Report, compare_int8, quantize_torch, time_forward
+from .prune import PruneStats, prune_backbone, weight_sparsity
+from .quantize import ModelComparison, compare_int8, compare_models, quantize_torch, time_forward
 
 __all__ = [
-    "Int8Report",
+    "ModelComparison",
     "OnnxBackbone",
     "OnnxCheck",
+    "PruneStats",
     "check_shapes",
     "compare_int8",
+    "compare_models",
     "compare_onnx",
     "export_onnx",
     "onnx_session",
+    "prune_backbone",
     "quantize_onnx",
     "quantize_torch",
     "time_forward",
+    "weight_sparsity",
 ]

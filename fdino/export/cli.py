@@ -7,6 +7,7 @@ happens here, the library functions return values.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -54,7 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "metadata and a sidecar .json, and to ONNX (dynamic batch; dynamic image size for CNNs and "
         "ViTs built with dynamic_img_size). The ONNX model is run with onnxruntime on the CPU and its "
         "features compared with PyTorch (cosine >= 0.9999 or the command fails). --int8 also writes "
-        "a dynamically quantized int8 ONNX model and measures its k-NN top-1 change and speed-up.",
+        "a dynamically quantized int8 ONNX model and measures its k-NN top-1 change and speed-up. "
+        "--prune sets a fraction of the Linear/Conv2d weights to zero first (exports keep their format and "
+        "load as usual) and reports the sparsity, k-NN top-1 change, forward time and compressed size.",
     )
     _add_source_args(p)
     p.add_argument(
@@ -76,6 +79,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--int8",
         action="store_true",
         help="also write backbone.int8.onnx (onnxruntime dynamic int8) and print its k-NN top-1 change and speed-up",
+    )
+    p.add_argument(
+        "--prune",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="prune before exporting: zero this fraction (0 < FRACTION < 1) of every Linear/Conv2d weight tensor "
+        "by L1 magnitude, per layer (norms, biases, embeddings untouched); prints sparsity, k-NN top-1 change, "
+        "forward time and zlib-compressed size (zeros shrink files only when compressed)",
+    )
+    p.add_argument(
+        "--prune-structured",
+        action="store_true",
+        help="with --prune: zero whole attention heads, MLP units and conv output channels (L2 norm) instead of "
+        "single weights; masks only: the tensors keep their shapes (so exports load as usual) and dense kernels "
+        "still compute the zeros; the printed forward times show what it buys",
     )
     _add_knn_args(p)
     p.set_defaults(func=run_export)
@@ -162,7 +181,17 @@ def _set_threads(args: argparse.Namespace) -> int:
     return torch.get_num_threads()
 
 
-def _export_and_check(loaded, out: Path, threads: int, *, dynamic: bool = True, opset: int | None = None):
+def _size(path: Path, *, compressed: bool = False) -> str:
+    """``"1.23 MB"``, with the zlib-compressed size when asked (what the zeros of a pruned model save)."""
+    from .prune import compressed_size  # noqa: PLC0415
+
+    text = f"{path.stat().st_size / 1e6:.2f} MB"
+    return (text + f", zlib {compressed_size(path.read_bytes()) / 1e6:.2f} MB") if compressed else text
+
+
+def _export_and_check(
+    loaded, out: Path, threads: int, *, dynamic: bool = True, opset: int | None = None, compressed: bool = False
+):
     """Write ``backbone.onnx``, compare with PyTorch, print the result; ``(path, check, onnx model)``."""
     from .onnx_export import OnnxBackbone, check_shapes, compare_onnx, export_onnx, onnx_session  # noqa: PLC0415
 
@@ -171,7 +200,7 @@ def _export_and_check(loaded, out: Path, threads: int, *, dynamic: bool = True, 
     onnx_model = OnnxBackbone(onnx_session(path, threads=threads), backbone.num_features)
     check = compare_onnx(backbone, onnx_model, check_shapes(backbone, size, dynamic))
     verdict = "ok" if check.ok else "FAILED"
-    print(f"onnx: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    print(f"onnx: {path} ({_size(path, compressed=compressed)})")
     print(
         f"onnx check (onnxruntime CPU vs PyTorch, inputs {', '.join('x'.join(map(str, s)) for s in check.shapes)}): "
         f"min cosine {check.min_cosine:.7f} (>= 0.9999: {verdict}), max |diff| {check.max_abs_diff:.2e}"
@@ -196,6 +225,11 @@ def run_export(args: argparse.Namespace) -> int:
         return _err(f"--formats {args.formats!r}: allowed a comma-separated subset of {','.join(FORMATS)}")
     if args.int8 and "onnx" not in formats:
         return _err("--int8 quantizes the ONNX export; add onnx to --formats")
+    pruning = args.prune is not None
+    if pruning and not 0 < args.prune < 1:
+        return _err(f"--prune {args.prune:g}: allowed 0 < FRACTION < 1 (the fraction of the weights set to zero)")
+    if args.prune_structured and not pruning:
+        return _err("--prune-structured needs --prune FRACTION (0 < FRACTION < 1)")
     if "onnx" in formats and (code := _extras_error()) is not None:
         return code
     loaded, threads = _load_with_threads(args)
@@ -205,28 +239,69 @@ def run_export(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     info = loaded.info
     print(f"model: {info.arch} ({info.which}), feature dim {info.feature_dim}, input {info.image_size} px")
+    data = _knn_data(args, loaded) if pruning or args.int8 else None
+    dense = loaded
+    if pruning:
+        loaded = _prune(dense, args, data, threads)  # what every format below exports
     if "safetensors" in formats:
         from ..weights import export_safetensors  # noqa: PLC0415
 
         st, sidecar = export_safetensors(loaded.backbone, out / "backbone.safetensors", info)
-        print(f"safetensors: {st} ({st.stat().st_size / 1e6:.2f} MB), config: {sidecar}")
+        print(f"safetensors: {st} ({_size(st, compressed=pruning)}), config: {sidecar}")
+        if pruning:
+            with tempfile.TemporaryDirectory(prefix="fdino-export-") as tmp:
+                unpruned, _ = export_safetensors(dense.backbone, Path(tmp) / "backbone.safetensors", info)
+                print(f"unpruned safetensors for comparison: {_size(unpruned, compressed=True)}")
     status = 0
     if "onnx" in formats:
-        path, check, onnx_fp32 = _export_and_check(loaded, out, threads, dynamic=not args.fixed_size, opset=args.opset)
+        path, check, onnx_fp32 = _export_and_check(
+            loaded, out, threads, dynamic=not args.fixed_size, opset=args.opset, compressed=pruning
+        )
         status = 0 if check.ok else 1
         if args.int8:
-            status = max(status, _int8_onnxruntime(loaded, path, onnx_fp32, args, threads))
+            status = max(status, _int8_onnxruntime(loaded, path, onnx_fp32, args, threads, data=data))
     return status
 
 
-def _int8_onnxruntime(loaded, fp32_path: Path, onnx_fp32, args: argparse.Namespace, threads: int) -> int:
+def _prune(loaded, args: argparse.Namespace, data, threads: int):
+    """``loaded`` with its backbone pruned as ``--prune`` says; prints the sparsity and what it costs."""
+    from .prune import prune_backbone  # noqa: PLC0415
+    from .quantize import compare_models  # noqa: PLC0415
+
+    backbone, stats = prune_backbone(loaded.backbone, args.prune, structured=args.prune_structured)
+    print(stats.summary())
+    memory, query, transform = data
+    scheme = "structured" if args.prune_structured else "unstructured"
+    report = compare_models(
+        loaded.backbone,
+        backbone,
+        memory,
+        query,
+        transform=transform,
+        label=f"prune {100 * args.prune:g}% ({scheme}, torch)",
+        names=("dense", "pruned"),
+        k=args.k,
+        bench_batch=args.bench_batch,
+    )
+    print(f"{report.summary()} [{_data_note(args, memory, query, threads)}]")
+    return dataclasses.replace(loaded, backbone=backbone)
+
+
+def _data_note(args: argparse.Namespace, memory, query, threads: int) -> str:
+    return (
+        f"{args.data}: {len(memory)} memory / {len(query)} query images, {threads} thread{'s' if threads != 1 else ''}"
+    )
+
+
+def _int8_onnxruntime(loaded, fp32_path: Path, onnx_fp32, args: argparse.Namespace, threads: int, *, data=None) -> int:
     from .onnx_export import OnnxBackbone, onnx_session, quantize_onnx  # noqa: PLC0415
     from .quantize import compare_int8  # noqa: PLC0415
 
+    pruned = getattr(args, "prune", None) is not None
     int8_path = quantize_onnx(fp32_path, fp32_path.with_name("backbone.int8.onnx"))
-    print(f"int8 onnx: {int8_path} ({int8_path.stat().st_size / 1e6:.2f} MB)")
+    print(f"int8 onnx: {int8_path} ({_size(int8_path, compressed=pruned)})")
     onnx_int8 = OnnxBackbone(onnx_session(int8_path, threads=threads), loaded.backbone.num_features)
-    memory, query, transform = _knn_data(args, loaded)
+    memory, query, transform = data or _knn_data(args, loaded)
     report = compare_int8(
         onnx_fp32,
         onnx_int8,
@@ -237,10 +312,8 @@ def _int8_onnxruntime(loaded, fp32_path: Path, onnx_fp32, args: argparse.Namespa
         k=args.k,
         bench_batch=args.bench_batch,
     )
-    plural = "s" if threads != 1 else ""
-    print(
-        f"{report.summary()} [{args.data}: {len(memory)} memory / {len(query)} query images, {threads} thread{plural}]"
-    )
+    of = ", of the pruned model" if pruned else ""
+    print(f"{report.summary()} [{_data_note(args, memory, query, threads)}{of}]")
     return 0
 
 

@@ -9,6 +9,9 @@ over 95% of a ViT's FLOPs) are quantized, convolutions stay fp32.
   * ``"torch"``: ``torch.ao.quantization.quantize_dynamic`` on ``nn.Linear``. On torch 2.14 it still
     works but is deprecated (its warning says it moves to torchao's ``quantize_``; torchao is not a
     dependency here), so it is kept for in-PyTorch use and comparison only.
+
+`compare_models` (k-NN top-1 and forward time of a model and its changed copy) also reports
+what pruning (`fdino.export.prune`) costs and buys.
 """
 
 from __future__ import annotations
@@ -58,56 +61,60 @@ def time_forward(
     return best
 
 
-class Int8Report(NamedTuple):
-    """fp32 vs int8 on one data set: k-NN accuracy and forward time."""
+class ModelComparison(NamedTuple):
+    """A reference model and a changed copy (int8, pruned) on one data set: k-NN accuracy and forward time."""
 
-    backend: str
-    """"onnxruntime" or "torch"."""
+    label: str
+    """What changed and how it runs: "int8 (onnxruntime)", "prune 50% (torch)"."""
+    names: tuple[str, str]
+    """Short names of the two models in the summary: ("fp32", "int8"), ("dense", "pruned")."""
     k: int
     """Neighbours of the k-NN vote."""
-    top1_fp32: float
-    """k-NN top-1 (%) with fp32 features."""
-    top1_int8: float
-    """k-NN top-1 (%) with int8 features."""
+    top1_reference: float
+    """k-NN top-1 (%) with the reference model's features."""
+    top1_candidate: float
+    """k-NN top-1 (%) with the changed model's features."""
     min_cosine: float
-    """Smallest cosine similarity between a query's fp32 and int8 features."""
-    seconds_fp32: float
-    """Best time of one forward of the benchmark batch, fp32."""
-    seconds_int8: float
-    """Same for int8."""
+    """Smallest cosine similarity between a query's reference and changed features."""
+    seconds_reference: float
+    """Best time of one forward of the benchmark batch, reference model."""
+    seconds_candidate: float
+    """Same for the changed model."""
     batch: int
     """Images in the benchmark batch."""
 
     @property
     def top1_change(self) -> float:
-        return self.top1_int8 - self.top1_fp32
+        return self.top1_candidate - self.top1_reference
 
     @property
     def speedup(self) -> float:
-        return self.seconds_fp32 / self.seconds_int8
+        return self.seconds_reference / self.seconds_candidate
 
     def summary(self) -> str:
+        a, b = self.names
         return (
-            f"int8 ({self.backend}): k-NN top-1 (k={self.k}) {self.top1_fp32:.2f}% fp32 -> {self.top1_int8:.2f}% "
-            f"int8 (change {self.top1_change:+.2f} points); feature cosine >= {self.min_cosine:.4f}; forward of "
-            f"{self.batch} images {1e3 * self.seconds_fp32:.1f} ms fp32 -> {1e3 * self.seconds_int8:.1f} ms int8 "
-            f"(speed-up x{self.speedup:.2f})"
+            f"{self.label}: k-NN top-1 (k={self.k}) {self.top1_reference:.2f}% {a} -> {self.top1_candidate:.2f}% "
+            f"{b} (change {self.top1_change:+.2f} points); feature cosine >= {self.min_cosine:.4f}; forward of "
+            f"{self.batch} images {1e3 * self.seconds_reference:.1f} ms {a} -> {1e3 * self.seconds_candidate:.1f} ms "
+            f"{b} (speed-up x{self.speedup:.2f})"
         )
 
 
-def compare_int8(
-    fp32: nn.Module,
-    int8: nn.Module,
+def compare_models(
+    reference: nn.Module,
+    candidate: nn.Module,
     memory: Any,
     query: Any,
     *,
     transform: Callable | None,
-    backend: str,
+    label: str,
+    names: tuple[str, str] = ("fp32", "int8"),
     k: int = 20,
     batch_size: int = 256,
     bench_batch: int = 64,
     repeats: int = 5,
-) -> Int8Report:
+) -> ModelComparison:
     """k-NN top-1 of both models (memory bank and queries from ``memory`` / ``query``) and the best
     forward time of a ``bench_batch``-image query batch.
 
@@ -117,16 +124,34 @@ def compare_int8(
     from ..eval.features import extract_features  # noqa: PLC0415
     from ..eval.knn import knn_classify  # noqa: PLC0415
 
+    models = {"reference": reference, "candidate": candidate}
     top1, queries = {}, {}
-    for name, model in (("fp32", fp32), ("int8", int8)):
+    for name, model in models.items():
         bank, bank_labels = extract_features(model, memory, batch_size=batch_size, transform=transform)
         q, q_labels = extract_features(model, query, batch_size=batch_size, transform=transform)
         top1[name] = knn_classify(bank, bank_labels, q, q_labels, ks=(k,))[k]["top1"]
         queries[name] = q
-    cosine = torch.nn.functional.cosine_similarity(queries["fp32"], queries["int8"], dim=1).min().item()
+    cosine = torch.nn.functional.cosine_similarity(queries["reference"], queries["candidate"], dim=1).min().item()
     images = _first_images(query, bench_batch, transform)
-    seconds = {name: time_forward(model, images, repeats=repeats) for name, model in (("fp32", fp32), ("int8", int8))}
-    return Int8Report(backend, k, top1["fp32"], top1["int8"], cosine, seconds["fp32"], seconds["int8"], len(images))
+    seconds = {name: time_forward(model, images, repeats=repeats) for name, model in models.items()}
+    return ModelComparison(
+        label,
+        names,
+        k,
+        top1["reference"],
+        top1["candidate"],
+        cosine,
+        seconds["reference"],
+        seconds["candidate"],
+        len(images),
+    )
+
+
+def compare_int8(
+    fp32: nn.Module, int8: nn.Module, memory: Any, query: Any, *, backend: str, **kwargs: Any
+) -> ModelComparison:
+    """`compare_models` of an fp32 model and its int8 copy made by ``backend``."""
+    return compare_models(fp32, int8, memory, query, label=f"int8 ({backend})", names=("fp32", "int8"), **kwargs)
 
 
 def _first_images(data: Any, n: int, transform: Callable | None) -> torch.Tensor:
@@ -148,4 +173,12 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-__all__ = ["BACKENDS", "quantize_torch", "time_forward", "Int8Report", "compare_int8", "check_backend"]
+__all__ = [
+    "BACKENDS",
+    "ModelComparison",
+    "check_backend",
+    "compare_int8",
+    "compare_models",
+    "quantize_torch",
+    "time_forward",
+]
