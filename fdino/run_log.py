@@ -50,6 +50,18 @@ class MetricsLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"event": kind, "message": message, "time": time.time()}) + "\n")
 
+    def snapshot(self, snapshot) -> None:
+        """An evaluation's snapshot (`fdino.train_eval.Snapshot`, None: none taken) to the trackers that take
+        images and embeddings; trackers without those optional methods skip it."""
+        if snapshot is None:
+            return
+        for tracker in self.trackers:
+            if hasattr(tracker, "log_image"):
+                for tag, path in snapshot.images.items():
+                    tracker.log_image(tag, path, snapshot.step)
+            if hasattr(tracker, "log_embedding"):
+                tracker.log_embedding("teacher", snapshot.features, snapshot.labels, snapshot.thumbnails, snapshot.step)
+
     def artifacts(self, paths: Sequence[Path]) -> None:
         """The run's final files (curves, summary, attention maps) to every tracker."""
         for path in paths:
@@ -98,6 +110,36 @@ def save_curves(run_dir: Path, history: list[dict[str, Any]], records: list[dict
     return path
 
 
+# The per-evaluation pictures fdino.train_eval.evaluate_and_snapshot writes (listed in summary.json).
+SNAPSHOTS = {
+    "embeddings": "embeddings/step-*.png",
+    "embeddings_tsne": "embeddings/tsne/step-*.png",
+    "attention_steps": "attention/step-*.png",
+}
+
+
+def _stepped(run_dir: Path, pattern: str) -> list[tuple[int, Path]]:
+    """(step, path) of the ``step-N.png`` files matching ``pattern``, in step order (numeric: 2 before 10)."""
+    found = ((p.stem.removeprefix("step-"), p) for p in run_dir.glob(pattern))
+    return sorted((int(n), p) for n, p in found if n.isdigit())
+
+
+def snapshot_files(run_dir: Path) -> dict[str, list[str]]:
+    """The snapshots in a run folder by kind (the keys of SNAPSHOTS), in step order.
+
+    Read from the folder, not from this process's evaluations, so a resumed run lists the earlier ones too."""
+    return {key: [str(p) for _, p in _stepped(run_dir, pattern)] for key, pattern in SNAPSHOTS.items()}
+
+
+def remove_snapshots(run_dir: Path, *, after: int = -1) -> None:
+    """Delete the snapshots of steps past ``after``: all of them when a run starts over in its folder, those
+    a killed run wrote after its last checkpoint when it is resumed (as TensorBoard purges its events)."""
+    for pattern in SNAPSHOTS.values():
+        for step, path in _stepped(run_dir, pattern):
+            if step > after:
+                path.unlink()
+
+
 def finish_report(
     run_dir: Path,
     cfg: DinoConfig,
@@ -114,6 +156,9 @@ def finish_report(
 ) -> dict[str, Any]:
     """Curves, summary.json and the printed summary of a finished run; returns the summary.
 
+    The embedding and attention snapshots are listed from the run folder (``embeddings/step-N.png``,
+    ``embeddings/tsne/step-N.png``, ``attention/step-N.png``, in step order), so a resumed run lists
+    the ones written before it too.
     ``extra``: more keys for summary.json (a batched run records how many variants shared its steps).
     ``knn_queries``: held-out images of the k-NN evaluation (None: none ran; then the k-NN keys are
     absent), whose final reading is the last of ``loop.knn_history``.
@@ -146,6 +191,7 @@ def finish_report(
         )
     summary["curves"] = str(save_curves(run_dir, history, read_metrics(run_dir)))
     summary["attention"] = str(attention) if attention else None
+    summary.update(snapshot_files(run_dir))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary, skipped))
     return summary
@@ -176,4 +222,11 @@ def format_summary(summary: dict[str, Any], skipped: dict[str, str]) -> str:
     lines.append(
         f"  curves: {summary['curves']}" + (f", attention maps: {summary['attention']}" if summary["attention"] else "")
     )
+    snapshots = [
+        f"{len(summary[key])} {what} in {Path(summary[key][0]).parent}"
+        for key, what in (("embeddings", "PCA"), ("embeddings_tsne", "t-SNE"), ("attention_steps", "attention"))
+        if summary.get(key)
+    ]
+    if snapshots:
+        lines.append("  snapshots per evaluation: " + ", ".join(snapshots))
     return "\n".join(lines)

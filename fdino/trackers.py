@@ -27,7 +27,13 @@ _MLFLOW_PARAM_CHARS = 500  # MLflow 2.0's limit on a param value (later versions
 
 
 class Tracker(Protocol):
-    """What the training job logs: the config once, metrics per log step, files at the end."""
+    """What the training job logs: the config once, metrics per log step, files at the end.
+
+    Optional, called only when a tracker has them (so a minimal tracker needs just these four):
+    ``log_image(tag, path, step)``, a PNG that changes over the run (the embedding snapshots), and
+    ``log_embedding(tag, features [n, D], labels: list[str], images [n, 3, s, s] | None, step)``, the
+    points behind it. All three backends here have both; see each for what it keeps.
+    """
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
@@ -104,13 +110,24 @@ def _stored_id(path: Path, resume_step: int) -> str | None:
     return None
 
 
+def _rgb_pixels(path: Path):
+    """A PNG as a ``[H, W, 3]`` uint8 array."""
+    import numpy as np  # noqa: PLC0415  (only for images)
+    from PIL import Image  # noqa: PLC0415
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
 class TensorBoardTracker:
-    """Scalars, the config as a text table and the final images/JSON in ``run_dir/tb``."""
+    """Scalars, the config as a text table, the snapshots (images and the projector's points) and the
+    final images/JSON in ``run_dir/tb``."""
 
     def __init__(self, run_dir: Path, *, resume_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415  (slow import, only when asked)
 
         self.step = resume_step
+        self.resume_step = resume_step
         # Drops the events a killed run logged after its last checkpoint (at resume_step, whose own
         # reading was logged before the checkpoint was written and is kept).
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
@@ -127,15 +144,35 @@ class TensorBoardTracker:
     def log_artifact(self, path: Path) -> None:
         path = Path(path)
         if path.suffix == ".png":
-            import numpy as np  # noqa: PLC0415  (only for the final images)
-            from PIL import Image  # noqa: PLC0415
-
-            with Image.open(path) as image:
-                pixels = np.asarray(image.convert("RGB"))
-            self.writer.add_image(f"artifacts/{path.stem}", pixels, self.step, dataformats="HWC")
+            self.writer.add_image(f"artifacts/{path.stem}", _rgb_pixels(path), self.step, dataformats="HWC")
         elif path.suffix in (".json", ".txt"):
             text = "\n".join("    " + line for line in path.read_text().splitlines())  # a markdown code block
             self.writer.add_text(f"artifacts/{path.name}", text, self.step)
+
+    def log_image(self, tag: str, path: Path, step: int) -> None:
+        """One image per step under ``tag``: the Images tab's slider walks through the run."""
+        self.writer.add_image(tag, _rgb_pixels(Path(path)), step, dataformats="HWC")
+
+    def log_embedding(self, tag: str, features, labels: list[str], images, step: int) -> None:
+        """The points for the Projector tab: ``tb/<step>/<tag>/`` and ``tb/projector_config.pbtxt``."""
+        if not hasattr(self.writer, "_projector_config"):
+            self._keep_earlier_projections()
+        self.writer.add_embedding(features, metadata=labels, label_img=images, global_step=step, tag=tag)
+
+    def _keep_earlier_projections(self) -> None:
+        """A resumed run's writer would rewrite projector_config.pbtxt with its own points only; seed it
+        with the entries up to ``resume_step`` (later ones: a killed run's, which TensorBoard's purge also
+        drops), so the projector keeps every step. SummaryWriter keeps the config in ``_projector_config``."""
+        config_path = Path(self.writer.get_logdir()) / "projector_config.pbtxt"
+        if not self.resume_step or not config_path.is_file():
+            return
+        from google.protobuf import text_format  # noqa: PLC0415  (tensorboard's dependency)
+        from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig  # noqa: PLC0415
+
+        old = text_format.Parse(config_path.read_text(), ProjectorConfig())
+        config = ProjectorConfig()
+        config.embeddings.extend(e for e in old.embeddings if int(e.tensor_name.rsplit(":", 1)[-1]) <= self.resume_step)
+        self.writer._projector_config = config
 
     def close(self, *, failed: bool = False) -> None:
         self.writer.close()
@@ -179,6 +216,14 @@ class MLflowTracker:
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
+    def log_image(self, tag: str, path: Path, step: int) -> None:
+        """Kept as the artifact ``<tag>/<file name>`` (the file name holds the step: MLflow has no image steps)."""
+        self.client.log_artifact(self.run_id, str(path), artifact_path=tag)
+
+    def log_embedding(self, tag: str, features, labels: list[str], images, step: int) -> None:
+        """Not kept: MLflow has no projector to show the points, and as files they would be megabytes per
+        evaluation; the snapshot PNG (`log_image`) shows them."""
+
     def close(self, *, failed: bool = False) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
@@ -215,6 +260,15 @@ class WandbTracker:
     def log_artifact(self, path: Path) -> None:
         path = Path(path).resolve()
         self.run.save(str(path), base_path=str(path.parent), policy="now")
+
+    def log_image(self, tag: str, path: Path, step: int) -> None:
+        import wandb  # noqa: PLC0415  (optional extra)
+
+        self.run.log({tag: wandb.Image(str(path))}, step=step)
+
+    def log_embedding(self, tag: str, features, labels: list[str], images, step: int) -> None:
+        """Not kept: W&B would need an n x D table in the run file per evaluation to project the points
+        itself; the snapshot PNG (`log_image`) shows them."""
 
     def close(self, *, failed: bool = False) -> None:
         import wandb  # noqa: PLC0415  (optional extra)

@@ -5,10 +5,10 @@
 The run folder holds ``run.json`` (config and options), ``metrics.jsonl``, the trackers' records
 (TensorBoard events in ``tb/``; optionally MLflow in ``mlruns/``, W&B in ``wandb/``), checkpoints
 ``ckpt-<step>.pt`` (state + loader position, atomic, newest few kept), ``summary.json``,
-``curves.png`` and ``attention/*.png``. ``resume(run_dir)`` continues from the
-newest checkpoint mid-epoch: the data order and augmentations are functions of (seed, epoch,
-index) and the step's randomness comes from the state, so an interrupted and resumed run ends
-bitwise equal to an uninterrupted one (CPU, deterministic mode).
+``curves.png``, snapshots per k-NN evaluation in ``embeddings/`` and ``attention/``. ``resume(run_dir)``
+continues from the newest checkpoint mid-epoch: the data order and augmentations are functions of
+(seed, epoch, index) and the step's randomness comes from the state, so an interrupted and resumed
+run ends bitwise equal to an uninterrupted one (CPU, deterministic mode).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from .data import build_dataset, multicrop_loader
 from .diagnostics import collapse_report
 from .distributed import DistInfo, broadcast_state_, init_from_env, mean_reducer, shutdown
 from .loop_state import LoopState, StepTimer
-from .run_log import MetricsLog, finish_report
+from .run_log import MetricsLog, finish_report, remove_snapshots
 from .state import TrainState, init_state
 from .step import train_step, train_step_eager
 from .trackers import check_available, make_trackers, parse_trackers
-from .train_eval import EvalSets, evaluate_knn, save_attention
+from .train_eval import EvalSets, evaluate_and_snapshot, save_attention
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,7 +84,11 @@ class TrainOptions:
     deterministic: bool = False
     """torch.use_deterministic_algorithms(True): bitwise reproducible runs and resumes."""
     attention_images: int = 4
-    """Images whose attention maps are saved at the end (ViT backbones)."""
+    """Images whose attention maps are saved at each k-NN evaluation and at the end (ViT backbones)."""
+    embedding_snapshots: bool = True
+    """At each k-NN evaluation: PCA of the query features in embeddings/, attention maps in attention/, to trackers."""
+    embedding_tsne: bool = False
+    """Add a t-SNE of the query features to each snapshot (exact: ~20 s per evaluation on 2 CPU cores)."""
     tensorboard: bool = True
     """Write TensorBoard events to run_dir/tb (off: drops tensorboard from the trackers)."""
     trackers: str = "tensorboard"
@@ -135,6 +139,8 @@ RESUMABLE_OVERRIDES = (
     "tensorboard",
     "trackers",
     "deterministic",
+    "embedding_snapshots",
+    "embedding_tsne",
 )
 
 
@@ -229,17 +235,21 @@ def _train_process(
     # --- outputs (rank 0 only) -----------------------------------------------------------------------
     if info.is_main and resume_from is None:
         start_run_folder(run_dir, cfg, opts, overwrite=overwrite)
+    elif info.is_main:
+        remove_snapshots(run_dir, after=loop.step)  # a killed run's past its checkpoint; this run redoes them
     evals = EvalSets.build(opts, cfg, device) if info.is_main else None
     knn_on = evals is not None and evals.labeled
 
     # --- evaluation at initialization ----------------------------------------------------------------
+    init_snapshot = None  # its files are written now, its tracker records once the trackers exist
     if knn_on and loop.knn_init is None:
-        knn_init = evaluate_knn(evals, state)
+        knn_init, init_snapshot = evaluate_and_snapshot(run_dir, evals, state, 0, opts)
         loop = dataclasses.replace(loop, knn_init=knn_init, knn_raw_pixels=evals.raw_pixel_knn()).with_knn(0, knn_init)
 
     run_params = {"config": cfg.to_dict(), "options": opts.to_dict()}
     trackers = make_trackers(opts.tracker_names, run_dir, run_params, loop.step) if info.is_main else []
     log = MetricsLog(run_dir, enabled=info.is_main, trackers=trackers)
+    log.snapshot(init_snapshot)
 
     # --- loop ----------------------------------------------------------------------------------------
     total = cfg.total_steps if opts.max_steps <= 0 else min(opts.max_steps, cfg.total_steps)
@@ -262,7 +272,9 @@ def _train_process(
                 last_values = read_step_metrics(metrics, step, run_dir)
                 loop = log_reading(last_values, step, epoch, cfg, loop, timer, log, bar)
             if knn_on and opts.eval_every and step % opts.eval_every == 0:
-                loop = loop.with_knn(step, evaluate_knn(evals, state))
+                top1, snapshot = evaluate_and_snapshot(run_dir, evals, state, step, opts)
+                loop = loop.with_knn(step, top1)
+                log.snapshot(snapshot)
                 log.scalar("knn/top1", loop.knn_history[-1].top1, step)
                 bar.write(f"step {step}: teacher {opts.knn_k}-NN top-1 {loop.knn_history[-1].top1:.2f}%")
             out_of_time = opts.max_minutes > 0 and timer.seconds() > 60 * opts.max_minutes
@@ -282,8 +294,10 @@ def _train_process(
     if not info.is_main:
         return {}
     try:
-        if knn_on:
-            loop = loop.with_knn(loop.step, evaluate_knn(evals, state))
+        if knn_on and loop.step not in {r.step for r in loop.knn_history}:  # else the loop evaluated it already
+            top1, snapshot = evaluate_and_snapshot(run_dir, evals, state, loop.step, opts)
+            loop = loop.with_knn(loop.step, top1)
+            log.snapshot(snapshot)
         attention = save_attention(run_dir, evals, state, opts.attention_images)
         summary = finish_report(
             run_dir,
@@ -312,6 +326,7 @@ def start_run_folder(run_dir: Path, cfg: DinoConfig, opts: TrainOptions, *, over
         for old in ckpt.list_checkpoints(run_dir):
             old.unlink()
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    remove_snapshots(run_dir)  # a new run's folder may hold those of one that died before its first checkpoint
     meta = {"config": cfg.to_dict(), "options": opts.to_dict()}
     (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
 

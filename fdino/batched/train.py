@@ -119,6 +119,8 @@ def train_batched(
     step_fn = batched_train_step if opts.compile else batched_train_step_eager
 
     # --- outputs and the evaluation at initialization ---------------------------------------------------
+    # k-NN numbers only: no per-evaluation snapshots (embeddings/, attention/step-N.png) for a sweep's
+    # variants, which would cost V pictures per evaluation; `fdino train` one variant to watch it learn.
     evals = EvalSets.build(opts, cfgs[0], device)
     knn_on = evals.labeled
     if knn_on and any(loop.knn_init is None for loop in loops):
