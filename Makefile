@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fdino-installed
 # mlflow and wandb too, so their tracker tests run instead of skipping.
-EXTRAS ?= test,export,serve,mlflow,wandb
+EXTRAS ?= test,export,serve,mlflow,wandb,app
 
 .PHONY: setup demo lint test test-system-deps bench clean
 

@@ -197,12 +197,14 @@ _SUBCOMMANDS = {
     "fdino.finetune.cli": None,
     "fdino.export.cli": "export",
     "fdino.serve.cli": "serve",
+    "fdino.app.cli": "app",
 }
 _EXTRA_PACKAGES = {
     "export": ("onnx", "onnxruntime", "onnxscript"),
     "serve": ("fastapi", "uvicorn", "multipart", "python_multipart"),
+    "app": ("gradio", "gradio_client"),
 }
-_EXTRA_COMMANDS = {"export": ("export", "quantize"), "serve": ("serve",)}
+_EXTRA_COMMANDS = {"export": ("export", "quantize"), "serve": ("serve",), "app": ("app",)}
 
 
 def _register_unavailable(sub, extra: str, missing: str) -> None:

@@ -67,18 +67,17 @@ def normalize_max(x: torch.Tensor) -> torch.Tensor:
     return x / peak.clamp_min(1e-12)
 
 
-def save_grid(
+def grid_image(
     cells: Sequence[Sequence[torch.Tensor | None]],
-    path: str | Path,
     *,
     pad: int = 2,
     captions: Sequence[Sequence[str]] | None = None,
     background: float = 1.0,
-) -> Path:
-    """Tile RGB cells ``[3, h, w]`` in [0, 1] (rows of equal length; None leaves a blank) into a PNG.
+):
+    """Tile RGB cells ``[3, h, w]`` in [0, 1] (rows of equal length; None leaves a blank) into a PIL image.
 
     All cells are placed in slots of the largest cell's size; ``captions[r][c]`` is written
-    under cell (r, c). Returns the path written (parent folders are created).
+    under cell (r, c).
     """
     rows, cols = len(cells), max((len(r) for r in cells), default=0)
     if rows == 0 or cols == 0:
@@ -106,6 +105,19 @@ def save_grid(
                 if text:
                     top, left = pad + r * (ch + band + pad) + ch, pad + c * (cw + pad)
                     draw.text((left + 1, top + 1), str(text), fill=(0, 0, 0))
+    return image
+
+
+def save_grid(
+    cells: Sequence[Sequence[torch.Tensor | None]],
+    path: str | Path,
+    *,
+    pad: int = 2,
+    captions: Sequence[Sequence[str]] | None = None,
+    background: float = 1.0,
+) -> Path:
+    """`grid_image` saved as a PNG; returns the path written (parent folders are created)."""
+    image = grid_image(cells, pad=pad, captions=captions, background=background)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
@@ -113,6 +125,7 @@ def save_grid(
 
 
 __all__ = [
+    "grid_image",
     "cell_scale",
     "grid_size",
     "denormalize",

@@ -9,7 +9,16 @@ imported only by `create_app` and the CLI, so this package imports without them.
 """
 
 from .batching import BatchQueue
-from .index import FileStat, FolderIndex, RefreshResult, default_cache_path, fingerprint, model_key, scan_folder
+from .index import (
+    FileStat,
+    FolderIndex,
+    RefreshResult,
+    content_hash,
+    default_cache_path,
+    fingerprint,
+    model_key,
+    scan_folder,
+)
 from .server import BackgroundServer, free_port
 from .service import FeatureService, ServiceConfig, UploadError, decode_image
 
@@ -30,6 +39,7 @@ __all__ = [
     "RefreshResult",
     "ServiceConfig",
     "UploadError",
+    "content_hash",
     "create_app",
     "decode_image",
     "default_cache_path",

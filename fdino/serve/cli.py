@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve",
         help="HTTP feature service with a search page: embed, search a folder of images, attention maps",
         description="Serve a frozen backbone over HTTP (FastAPI + uvicorn; pip install 'fdino[serve]'). The images "
-        "folder is embedded once and cached on disk (keyed on file paths, sizes and modification "
-        "times; changed files are re-embedded on the next search). Endpoints: GET / (search page), "
+        "folder is embedded once and cached on disk (keyed on the model and each file's path, size, modification "
+        "time and content hash; changed files are re-embedded on the next search). Endpoints: GET / (search page), "
         "GET /health, POST /embed, POST /search, POST /attention (ViTs), GET /images/PATH. Concurrent "
         "requests are batched into one forward pass.",
     )

@@ -1,18 +1,21 @@
 """A folder of images embedded once, cached on disk, and refreshed incrementally when files change.
 
 Every image file under the folder (recursively; hidden files and folders skipped) is identified by
-``(relative path, size, mtime_ns)``. The cache holds one feature row per file together with that
-triple, so a refresh re-embeds only files that are new or whose size or modification time
-changed, drops rows of deleted files, and does nothing at all when the folder's fingerprint (a
-hash of every triple) is unchanged. Files that cannot be decoded are remembered with their triple
-and not retried until they change.
+``(relative path, size, mtime_ns)`` and the SHA-256 of its bytes. The cache holds one feature row
+per file together with both, so a refresh re-embeds only files that are new or whose size,
+modification time or content changed, drops rows of deleted files, and does nothing at all when
+the folder's fingerprint (a hash of every triple) is unchanged. The content hash is checked for
+every cached row on the first refresh of an index (a folder copied or restored with preserved
+times can repeat sizes and mtimes with other bytes; that costs one read of every file at start);
+afterwards, within the process, an unchanged triple is trusted. Files that cannot be decoded are
+remembered with their triple and not retried until it changes.
 
 Cache file: the `fdino embed` format (`fdino.eval.embed.save_embeddings`, safetensors): tensor
 ``features`` float32 ``[N, D]`` (raw backbone features, not normalized), ``labels`` (-1), absolute
 ``paths``, and in ``info``: ``format``, ``model_key`` (a hash of the weights and preprocessing:
 another model never reuses these rows), ``model`` (source, arch, which: so ``fdino search CACHE
-query.png`` works on it), ``root``, ``files`` (``[path, size, mtime_ns]`` per row) and ``skipped``
-(``{path: [size, mtime_ns, reason]}``). Written atomically.
+query.png`` works on it), ``root``, ``files`` (``[path, size, mtime_ns]`` per row), ``sha256``
+(hex digest per row) and ``skipped`` (``{path: [size, mtime_ns, reason]}``). Written atomically.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 
 from ..data.images import has_image_extension
 
-FORMAT = "fdino-serve-index-v1"
+FORMAT = "fdino-serve-index-v2"  # v2: rows carry the SHA-256 of their file (v1 caches are rebuilt)
 
 
 class FileStat(NamedTuple):
@@ -61,6 +64,15 @@ def fingerprint(stats: list[FileStat]) -> str:
     h = hashlib.sha256()
     for s in stats:
         h.update(f"{s.path}\0{s.size}\0{s.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 hex digest of a file's bytes (read in 1 MiB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            h.update(chunk)
     return h.hexdigest()
 
 
@@ -113,9 +125,12 @@ class FolderIndex:
         if not self.root.is_dir():
             raise NotADirectoryError(f"images folder {str(self.root)!r} is not a directory")
         self.files: list[FileStat] = []
+        self.digests: list[str] = []
+        """SHA-256 of each row's file (`content_hash`), parallel to ``files``."""
         self.features = torch.zeros(0, 0)
         self.skipped: dict[str, tuple[int, int, str]] = {}
         self._fingerprint: str | None = None
+        self._verified = False  # whether the rows' content hashes were checked against the files
         self._by_path: dict[str, int] = {}
         self._load_cache()
 
@@ -145,30 +160,53 @@ class FolderIndex:
             return RefreshResult(0, 0, 0, len(self.files))
         current = {s.path: s for s in stats}
         keep = [i for i, f in enumerate(self.files) if current.get(f.path) == f]
+        if not self._verified:  # rows from the disk cache: same stat does not prove the same bytes
+            keep = [i for i in keep if self._same_content(i)]
         removed = len(self.files) - len(keep)
         have = {self.files[i].path for i in keep}
         skipped = {p: v for p, v in self.skipped.items() if p in current and tuple(v[:2]) == current[p][1:]}
         todo = [s for s in stats if s.path not in have and s.path not in skipped]
-        new_files, new_rows, bad = self._embed(todo)
+        new_files, new_digests, new_rows, bad = self._embed(todo)
         skipped.update(bad)
         files = [self.files[i] for i in keep] + new_files
+        digests = [self.digests[i] for i in keep] + new_digests
         rows = ([self.features[keep]] if keep else []) + ([new_rows] if len(new_files) else [])
         features = torch.cat(rows) if rows else torch.zeros(0, self.features.shape[-1])
         order = sorted(range(len(files)), key=lambda i: files[i].path)
         self.files = [files[i] for i in order]
+        self.digests = [digests[i] for i in order]
         self.features = features[order] if order else features
         self.skipped = skipped
         self._by_path = {f.path: i for i, f in enumerate(self.files)}
-        self._fingerprint = fp
+        self._fingerprint, self._verified = fp, True
         self._save_cache()
         return RefreshResult(len(new_files), removed, len(bad), len(keep))
 
-    def _embed(self, todo: list[FileStat]) -> tuple[list[FileStat], torch.Tensor, dict]:
-        """``(embedded files, their features [M, D], {path: (size, mtime_ns, reason)} unreadable)``."""
+    def _same_content(self, row: int) -> bool:
+        try:
+            return content_hash(self.root / self.files[row].path) == self.digests[row]
+        except OSError:  # vanished or unreadable since the scan: dropped, retried on the next refresh
+            return False
+
+    def _embed(self, todo: list[FileStat]) -> tuple[list[FileStat], list[str], torch.Tensor, dict]:
+        """``(embedded files, their SHA-256, their features [M, D], {path: (size, mtime_ns, reason)} unreadable)``.
+
+        Files are hashed before they are embedded: if one changes in between, its row carries the old
+        digest and its newer mtime shows up on the next refresh, so it is re-embedded then."""
         from ..eval.embed import embed_paths  # noqa: PLC0415
 
         if not todo:
-            return [], torch.zeros(0, 0), {}
+            return [], [], torch.zeros(0, 0), {}
+        digests, readable = {}, []
+        for s in todo:
+            try:
+                digests[s.path] = content_hash(self.root / s.path)
+                readable.append(s)
+            except OSError:  # vanished since the scan: not indexed (it is not in the next scan either)
+                continue
+        todo = readable
+        if not todo:
+            return [], [], torch.zeros(0, 0), {}
         paths = [str(self.root / s.path) for s in todo]
         device = next(self.backbone.parameters()).device
         try:
@@ -185,7 +223,8 @@ class FolderIndex:
             feats, kept, bad = torch.zeros(0, 0), [], {p: "cannot be decoded as an image" for p in paths}
         by_full = dict(zip(paths, todo))
         unreadable = {by_full[p].path: (by_full[p].size, by_full[p].mtime_ns, reason) for p, reason in bad.items()}
-        return [todo[i] for i in kept], feats, unreadable
+        files = [todo[i] for i in kept]
+        return files, [digests[f.path] for f in files], feats, unreadable
 
     # --- disk cache ------------------------------------------------------------------------------
     def _load_cache(self) -> None:
@@ -203,12 +242,13 @@ class FolderIndex:
             ):
                 return  # another model or folder: rebuilt (and overwritten) on refresh
             files = [FileStat(str(p), int(s), int(m)) for p, s, m in info["files"]]
+            digests = [str(d) for d in info["sha256"]]
             skipped = {p: (int(v[0]), int(v[1]), str(v[2])) for p, v in info["skipped"].items()}
         except Exception:  # noqa: BLE001 - a corrupt or foreign cache is only a cache: rebuild it
             return
-        if len(files) != emb.features.shape[0]:
+        if not len(files) == len(digests) == emb.features.shape[0]:
             return
-        self.files, self.features, self.skipped = files, emb.features, skipped
+        self.files, self.digests, self.features, self.skipped = files, digests, emb.features, skipped
         self._by_path = {f.path: i for i, f in enumerate(files)}
 
     def _save_cache(self) -> None:
@@ -223,6 +263,7 @@ class FolderIndex:
             "model": dict(self.model_info),
             "root": str(self.root),
             "files": [list(f) for f in self.files],
+            "sha256": list(self.digests),
             "skipped": {p: list(v) for p, v in self.skipped.items()},
             "image_size": int(self.image_size),
             "mean": list(self.mean),
@@ -262,6 +303,7 @@ __all__ = [
     "RefreshResult",
     "scan_folder",
     "fingerprint",
+    "content_hash",
     "model_key",
     "default_cache_path",
     "FORMAT",
