@@ -86,7 +86,8 @@ def test_the_cycle_finder_finds_a_cycle():
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
-OPTIONAL = {"fdino.serve.app": "fastapi"}  # modules that need an optional extra at import time
+# modules that need an optional extra at import time
+OPTIONAL = {"fdino.serve.app": "fastapi", "fdino.app.ui": "gradio", "fdino.app.cli": "gradio"}
 
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if not m.endswith(".__main__")))  # __main__ runs the CLI
