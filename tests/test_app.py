@@ -37,6 +37,7 @@ from fdino.app import (  # noqa: E402
     search,
 )
 from fdino.app.cli import attention_networks, register  # noqa: E402
+from fdino.app.logic import MAP_THUMBNAIL, class_colour, map_html, map_thumbnails  # noqa: E402
 from fdino.checkpoint import save_checkpoint  # noqa: E402
 from fdino.eval.render import grid_size  # noqa: E402
 from fdino.serve import FeatureService, ServiceConfig, UploadError, free_port  # noqa: E402
@@ -155,6 +156,39 @@ def test_embedding_map_is_coloured_by_subfolder(service):
         embedding_map(service.index, method="umap")
 
 
+def test_map_markup_has_a_point_with_its_picture_per_image(service, monkeypatch):
+    """Issue 19: hovering a map point shows the image (Gradio's plots only show text tooltips)."""
+    import base64
+    import io
+    import re
+
+    emb = embedding_map(service.index, method="pca")
+    cache: dict = {}
+    pictures = map_thumbnails(service.index, emb.paths, cache)
+    markup = map_html(emb.points, emb.labels, emb.class_names, pictures, emb.paths)
+    points = re.findall(
+        r'<div class="pt[^"]*" data-path="([^"]+)" style="[^"]*background:(#[0-9a-f]{6})">'
+        r'<span class="tip"><img src="data:image/png;base64,([^"]+)"',
+        markup,
+    )
+    assert [p for p, _, _ in points] == emb.paths and len(points) == N_IMAGES
+    assert [c for _, c, _ in points] == [class_colour(c) for c in emb.labels.tolist()]
+    assert len({c for _, c, _ in points}) == 2
+    for _, _, data in points:  # the 20 px PNGs, enlarged to the stated size
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert image.format == "PNG" and image.size == (MAP_THUMBNAIL, MAP_THUMBNAIL)
+    assert re.search(r"\.pt:hover \.tip \{ display: block; \}", markup) and ".pt .tip { display: none;" in markup
+    assert all(f'{c}"></i>{n}</span>' in markup for c, n in [("#4e79a7", "class0"), ("#f28e2b", "class1")])
+    assert "<script" not in markup and "http" not in markup  # offline, nothing to run
+
+    # Encoded once per folder: a second map (other projection, page reload) reuses every picture.
+    monkeypatch.setattr("fdino.app.logic.thumbnail_uri", lambda *a, **k: pytest.fail("re-encoded"))
+    assert map_thumbnails(service.index, emb.paths[::-1], cache) == pictures[::-1]
+    # Paths are escaped, files directly in the folder are grey and listed in the legend.
+    odd = map_html(torch.eye(3, 2), torch.tensor([0, -1, 0]), ["a<b"], [None] * 3, ["a<b/1.png", "t&.png", "x"])
+    assert "a&lt;b/1.png" in odd and "t&amp;.png" in odd and "(top level)</span>" in odd and "<img" not in odd
+
+
 # --- the index cache: keyed by the model and each file's content ------------------------------------------
 def test_index_cache_is_keyed_by_content_and_model(loaded, two_class_folder, tmp_path, monkeypatch):
     folder = tmp_path / "images"
@@ -242,12 +276,13 @@ def test_gradio_client_search_returns_the_neighbours_in_order(app_url, service, 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
-def test_page_in_chromium_searches_from_a_picked_folder_image(app_url, two_class_folder, tmp_path):
+def test_page_in_chromium_searches_and_map_hover_shows_the_image(app_url, two_class_folder, tmp_path):
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip(f"needs {CHROMIUM} and {CHROMEDRIVER}: apt-get install -y chromium chromium-driver")
     pytest.importorskip("selenium", reason="needs selenium: pip install selenium")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     from test_serve_page import CHROMIUM_FLAGS
@@ -278,6 +313,18 @@ def test_page_in_chromium_searches_from_a_picked_folder_image(app_url, two_class
         assert len(results) == 5 and scores == sorted(scores, reverse=True)
         screenshot = tmp_path / "app.png"
         assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+        # Map tab: hovering a point shows its picture (so Gradio kept our <style>, <img> and data URI).
+        next(b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text == "Map").click()
+        point = wait(lambda d: d.find_elements(By.CSS_SELECTOR, f'#map .pt[data-path="{QUERY}"]'))[0]
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#map .pt")) == N_IMAGES
+        picture = point.find_element(By.CSS_SELECTOR, ".tip img")
+        assert not picture.is_displayed()
+        ActionChains(driver).move_to_element(point).perform()
+        wait(lambda d: picture.is_displayed(), timeout=10)
+        assert driver.execute_script("return arguments[0].naturalWidth", picture) == MAP_THUMBNAIL
+        assert QUERY in point.find_element(By.CSS_SELECTOR, ".tip").text
+        assert driver.save_screenshot(str(tmp_path / "map.png"))
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)

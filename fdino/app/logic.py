@@ -10,6 +10,9 @@ service's status codes, or `ValueError` with a message for the page (attention o
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,11 @@ from ..serve import FeatureService, FolderIndex, ServiceConfig, UploadError, dec
 
 MIN_CELL = 160  # pixels per shown image side: small inputs (32 px) are enlarged to stay readable
 MAP_METHODS = ("pca", "tsne")
+MAP_THUMBNAIL = 48  # pixels, longest side of the picture a map point shows on hover
+# Tableau 10 less its grey (grey marks top-level files): distinct on white and for common colour
+# blindness; classes beyond 9 reuse colours (the legend and the hover caption still tell them apart).
+PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
+TOP_LEVEL_COLOUR = "#555555"  # files directly in the folder (label -1)
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,99 @@ def embedding_map(
     return EmbeddingMap(points.float(), labels, names, paths, method)
 
 
+def thumbnail_uri(path: str | Path, size: int = MAP_THUMBNAIL) -> str:
+    """An image file as a ``data:image/png;base64`` URI, scaled (up or down) so its longest side is ``size``:
+    the page then needs no file access and no network to show it."""
+    from PIL import Image, ImageOps  # noqa: PLC0415
+
+    with Image.open(path) as image:
+        small = ImageOps.contain(image.convert("RGB"), (size, size))
+    buffer = io.BytesIO()
+    small.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def map_thumbnails(
+    index: FolderIndex, paths: Sequence[str], cache: dict, size: int = MAP_THUMBNAIL
+) -> list[str | None]:
+    """`thumbnail_uri` of each indexed path (None where the file can no longer be read).
+
+    ``cache`` maps ``(SHA-256, size)`` to URIs and is updated in place to hold just these paths, so
+    switching projection or reloading the page re-encodes only files whose content changed."""
+    digests = dict(zip((f.path for f in index.files), index.digests))
+    keys = [(digests[p], size) for p in paths]
+    fresh = {}
+    for key, path in zip(keys, paths):
+        if key not in fresh:
+            try:
+                fresh[key] = cache.get(key) or thumbnail_uri(index.root / path, size)
+            except OSError:  # vanished or unreadable since indexing: the point keeps its caption only
+                fresh[key] = None
+    cache.clear()
+    cache.update({k: v for k, v in fresh.items() if v is not None})
+    return [fresh[k] for k in keys]
+
+
+def class_colour(label: int) -> str:
+    return TOP_LEVEL_COLOUR if label < 0 else PALETTE[label % len(PALETTE)]
+
+
+# All rules are under .fdino-map so they cannot restyle the rest of the page. Hover is CSS only: the
+# page runs no script of ours. The hovered point is raised (z-index) so its picture covers later points.
+MAP_CSS = """
+.fdino-map .legend { display: flex; flex-wrap: wrap; gap: 4px 14px; margin-bottom: 6px; font-size: 14px; }
+.fdino-map .legend i { display: inline-block; width: 11px; height: 11px; border-radius: 50%; margin-right: 5px; }
+.fdino-map .plot { position: relative; height: {height}px; border: 1px solid #ccc; border-radius: 4px; }
+.fdino-map .pt { position: absolute; width: 10px; height: 10px; margin: -5px 0 0 -5px; border-radius: 50%;
+  border: 1px solid rgba(0, 0, 0, 0.35); box-sizing: border-box; cursor: default; }
+.fdino-map .pt .tip { display: none; position: absolute; left: 12px; top: 12px; padding: 4px; background: #fff;
+  border: 1px solid #888; border-radius: 4px; font-size: 12px; color: #111; white-space: nowrap; }
+.fdino-map .pt.right .tip { left: auto; right: 12px; }
+.fdino-map .pt.low .tip { top: auto; bottom: 12px; }
+.fdino-map .pt .tip img { display: block; max-width: none; margin: 0 0 2px 0; image-rendering: pixelated; }
+.fdino-map .pt:hover { z-index: 10; outline: 2px solid #111; }
+.fdino-map .pt:hover .tip { display: block; }
+"""
+
+
+def map_html(
+    points: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    thumbnails: Sequence[str | None],
+    paths: Sequence[str],
+    *,
+    height: int = 520,
+) -> str:
+    """Self-contained HTML scatter plot of ``points [N, 2]`` coloured by ``labels [N]`` (-1: top level),
+    with a legend; hovering point ``i`` shows ``thumbnails[i]`` (a data URI) above ``paths[i]``.
+
+    No script and no external resource: a ``<style>`` block and absolutely positioned ``<div>``s, one
+    per point (``class="pt"``, ``data-path``), so any HTML view (Gradio's ``gr.HTML``, a saved file) shows it."""
+    lo, hi = points.min(0).values, points.max(0).values
+    unit = (points - lo) / (hi - lo).clamp_min(1e-12)  # (N, 2) in [0, 1]; axes scaled independently
+    left, top = (3 + 94 * unit[:, 0]).tolist(), (97 - 94 * unit[:, 1]).tolist()  # % of the plot, y up
+    label_list = labels.tolist()
+    legend = [(class_colour(c), name) for c, name in enumerate(class_names)]
+    if -1 in label_list:
+        legend.append((TOP_LEVEL_COLOUR, "(top level)"))
+    out = [f'<div class="fdino-map"><style>{MAP_CSS.replace("{height}", str(int(height)))}</style>']
+    out.append('<div class="legend">')
+    out += [f'<span><i style="background:{c}"></i>{html.escape(name)}</span>' for c, name in legend]
+    out.append('</div><div class="plot">')
+    for x, y, label, uri, path in zip(left, top, label_list, thumbnails, paths, strict=True):
+        name = class_names[label] if label >= 0 else "(top level)"
+        side = " right" * (x > 65) + " low" * (y > 65)  # keep the picture inside the plot near its edges
+        img = f'<img src="{uri}" alt="">' if uri else ""
+        out.append(
+            f'<div class="pt{side}" data-path="{html.escape(path)}" style="left:{x:.2f}%;top:{y:.2f}%;'
+            f'background:{class_colour(label)}"><span class="tip">{img}{html.escape(path)} ({html.escape(name)})'
+            "</span></div>"
+        )
+    out.append("</div></div>")
+    return "".join(out)
+
+
 __all__ = [
     "EmbeddingMap",
     "Hit",
@@ -173,8 +274,11 @@ __all__ = [
     "class_labels",
     "embedding_map",
     "folder_images",
+    "map_html",
+    "map_thumbnails",
     "patch_pca_view",
     "query_tensor",
     "read_query",
     "search",
+    "thumbnail_uri",
 ]

@@ -29,7 +29,7 @@ HELP = (
 )
 MAP_HELP = (
     "Each point is one image of the folder ({n} shown), coloured by its subfolder. Hovering over a point "
-    "shows its file path and class (Gradio's native plot shows text tooltips, not pictures)."
+    "shows the image, its file path and class."
 )
 
 
@@ -108,16 +108,20 @@ def build_app(
         except ValueError as err:
             return f"**No patch features:** {err}.", None
 
-    def run_map(method: str):
-        import pandas as pd  # noqa: PLC0415  (comes with gradio)
+    map_pictures: dict = {}  # (SHA-256, size) -> data URI, model thread only: encoded once per folder
 
+    def map_view(method: str):
+        emb = logic.embedding_map(service.index, method=method)
+        pictures = logic.map_thumbnails(service.index, emb.paths, map_pictures)
+        return logic.map_html(emb.points, emb.labels, emb.class_names, pictures, emb.paths), len(emb.paths)
+
+    def run_map(method: str):
+        # Gradio's own plots show text tooltips only, so the map is our HTML: hovering shows the picture.
         try:
-            emb = on_model_thread(logic.embedding_map, service.index, method=method)
+            markup, n = on_model_thread(map_view, method)  # the model thread: the index is touched only there
         except ValueError as err:
-            return None, f"**No map:** {err}."
-        names = [emb.class_names[c] if c >= 0 else "(top level)" for c in emb.labels.tolist()]
-        frame = pd.DataFrame({"x": emb.points[:, 0], "y": emb.points[:, 1], "class": names, "image": emb.paths})
-        return frame, MAP_HELP.format(n=len(emb.paths))
+            return "", f"**No map:** {err}."
+        return markup, MAP_HELP.format(n=n)
 
     def pick(paths: list[str], evt: gr.SelectData):
         """A gallery click: that indexed image becomes the query (its change event runs the tabs)."""
@@ -164,7 +168,7 @@ def build_app(
             with gr.Tab("Map"):
                 method = gr.Radio(list(logic.MAP_METHODS), value="pca", label="projection")
                 map_note = gr.Markdown()
-                scatter = gr.ScatterPlot(x="x", y="y", color="class", tooltip=["image", "class"], height=520)
+                map_plot = gr.HTML(elem_id="map")
 
         query.change(run_search, [query, k], [results, table, hits], api_name="search")
         k.release(run_search, [query, k], [results, table, hits], api_name=False)
@@ -172,8 +176,8 @@ def build_app(
         query.change(run_patch_pca, [query], [pca_note, pca_image], api_name="patch_pca")
         gallery.select(pick, [folder_paths], [query], api_name=False)
         results.select(pick, [hits], [query], api_name=False)
-        method.change(run_map, [method], [scatter, map_note], api_name="embedding_map")
-        demo.load(run_map, [method], [scatter, map_note], api_name=False)
+        method.change(run_map, [method], [map_plot, map_note], api_name="embedding_map")
+        demo.load(run_map, [method], [map_plot, map_note], api_name=False)
     return demo
 
 
