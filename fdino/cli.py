@@ -23,9 +23,11 @@ import typing
 from typing import Any
 
 from . import presets, train
+from .checkpoint import CheckpointWriteError
 from .config import DinoConfig, config_fields, field_doc
 from .config_file import config_file, field_type
 from .presets import PRESETS
+from .run_folder import RESUMABLE_CONFIG, RunFolderBusy
 from .train import TrainOptions
 
 DEFAULT_PRESET = "small32_resnet"
@@ -138,7 +140,21 @@ def add_train_parser(subparsers) -> None:
         "[options] (TrainOptions) tables, or any run's run.json; flags override it",
     )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over in a run folder that has checkpoints")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that has checkpoints (the old run is deleted once the new one has its "
+        "first checkpoint, and restored if the new one fails before that)",
+    )
+    p.add_argument(
+        "--skip-batches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --resume: step over the next N batches (e.g. the one that made the loss non-finite); recorded in "
+        "run.json. --resume also takes these config flags, recorded as a change at the checkpoint's step: "
+        + ", ".join("--" + n.replace("_", "-") for n in RESUMABLE_CONFIG),
+    )
     _add_option_flags(p)
     _add_config_flags(p)
     p.set_defaults(func=run_train)
@@ -173,18 +189,25 @@ def train_settings(argv: list[str]) -> tuple[DinoConfig, TrainOptions]:
 def run_train(args: argparse.Namespace) -> int:
     try:
         if args.resume:
-            given = sorted(_config_overrides(args)) + [f"--{n}" for n in ("preset", "config") if getattr(args, n)]
-            if given:
-                raise ValueError(f"--resume takes the run's saved config; drop {given}")
-            train.resume(args.resume, **_given_options(args))
+            changes = _config_overrides(args)
+            fixed = [f"--{n.replace('_', '-')}" for n in sorted(changes) if n not in RESUMABLE_CONFIG]
+            fixed += [f"--{n}" for n in ("preset", "config") if getattr(args, n)]
+            if fixed:
+                raise ValueError(
+                    f"--resume takes the run's saved config; drop {fixed} (a resume may change only "
+                    f"{', '.join('--' + n.replace('_', '-') for n in RESUMABLE_CONFIG)} and --skip-batches)"
+                )
+            train.resume(args.resume, skip_batches=args.skip_batches, **_given_options(args), **changes)
             return 0
+        if args.skip_batches:
+            raise ValueError("--skip-batches steps over batches of a resumed run; use it with --resume RUN_DIR")
         cfg, opts = new_run_settings(args)
         train.run(cfg, opts, overwrite=args.overwrite)
         return 0
     except train.NonFiniteLossError as err:
         print(f"fdino train: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, RunFolderBusy, CheckpointWriteError) as err:
         print(f"fdino train: error: {err}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ so only networks without BatchNorm (ViTs) are exactly equivalent to one process.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -45,11 +46,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_from_env(device: str | None = None) -> DistInfo:
+def init_from_env(device: str | None = None, timeout_minutes: float = 30.0) -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Without those variables (a plain `python` launch) this is a single process and nothing is
-    initialized. ``device``: "cuda" or "cpu"; default CUDA when available.
+    initialized. ``device``: "cuda" or "cpu"; default CUDA when available. ``timeout_minutes``: how
+    long a collective waits for a worker that stopped answering before it fails (it must cover rank 0's
+    k-NN evaluations, during which the other ranks wait in the next step's collective).
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,7 +64,11 @@ def init_from_env(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            device_id=dev if use_cuda else None,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -112,6 +119,16 @@ def broadcast_state_(state: TrainState, src: int = 0, group=None, bucket_bytes: 
         for t in bucket:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def rank0_decides(flag: bool, info: DistInfo) -> bool:
+    """Rank 0's ``flag`` on every rank (one broadcast), so that all ranks stop at the same step: each rank's
+    own clock would stop some ranks a step earlier and leave the others waiting in a collective."""
+    if not info.enabled:
+        return flag
+    decision = torch.tensor([int(flag) if info.is_main else 0], device=info.device)
+    dist.broadcast(decision, src=0)
+    return bool(decision.item())
 
 
 def shutdown() -> None:

@@ -42,6 +42,8 @@ class LoopState:
     """k-NN top-1 (%) of the network at initialization (None: unlabeled data, not evaluated)."""
     knn_raw_pixels: float | None = None
     """k-NN top-1 (%) on raw pixels, the baseline any learned feature must beat."""
+    skipped_batches: int = 0
+    """Batches stepped over at resumes (``--skip-batches``): the data position is ``step + skipped_batches``."""
     collapse_streak: int = 0
     """Consecutive metric readings that showed collapse."""
     collapse_warning: str | None = None
@@ -51,6 +53,11 @@ class LoopState:
     def epoch(self) -> int:
         """The epoch of the next batch."""
         return self.step // self.steps_per_epoch
+
+    @property
+    def data_position(self) -> int:
+        """The global batch index the loader continues from (skipped batches count, steps do not repeat them)."""
+        return self.step + self.skipped_batches
 
     @property
     def batch(self) -> int:
@@ -84,6 +91,7 @@ class LoopState:
             "history": [{"step": r.step, "knn_top1": r.top1} for r in self.knn_history],
             "knn_init": self.knn_init,
             "knn_raw_pixels": self.knn_raw_pixels,
+            "skipped_batches": self.skipped_batches,
             "collapse_streak": self.collapse_streak,
             "collapse_warning": self.collapse_warning,
         }
@@ -110,6 +118,7 @@ class LoopState:
             ),
             knn_init=data.get("knn_init"),
             knn_raw_pixels=data.get("knn_raw_pixels"),
+            skipped_batches=int(data.get("skipped_batches", 0)),
             collapse_streak=int(data.get("collapse_streak", 0)),
             collapse_warning=data.get("collapse_warning"),
         )
@@ -132,6 +141,7 @@ _CHECKPOINT_KEYS = (
     "history",
     "knn_init",
     "knn_raw_pixels",
+    "skipped_batches",
     "collapse_streak",
     "collapse_warning",
 )

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import math
+import os
 import time
 import warnings
-from dataclasses import dataclass
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -27,169 +26,112 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .checks import check_int, check_real
+from . import run_folder as rf
+from .checks import check_int
 from .config import DinoConfig
 from .data import build_dataset, multicrop_loader
 from .diagnostics import collapse_report
-from .distributed import DistInfo, broadcast_state_, init_from_env, mean_reducer, shutdown
+from .distributed import DistInfo, broadcast_state_, init_from_env, mean_reducer, rank0_decides, shutdown
 from .loop_state import LoopState, StepTimer
 from .run_log import MetricsLog, finish_report, remove_snapshots
-from .state import TrainState, init_state
+from .state import init_state
 from .step import train_step, train_step_eager
-from .trackers import check_available, make_trackers, parse_trackers
+from .trackers import check_available, make_trackers
 from .train_eval import EvalSets, evaluate_and_snapshot, save_attention
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss or the parameters stopped being finite."""
-
-
-DEVICES = ("auto", "cuda", "cpu")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainOptions:
-    """How to run a training job (the config says what to train)."""
-
-    data: str = "shapes10"
-    """Data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist) or an image folder."""
-    data_root: str | None = None
-    """Where torchvision data sets / Fashion-MNIST files are (default $FDINO_DATA or ~/.cache/fdino)."""
-    download: bool = False
-    """Let torchvision download a missing data set (needs a network)."""
-    run_dir: str = "runs/demo"
-    """Folder for checkpoints, logs, plots (`fdino train` without it: runs/<data>-<preset>)."""
-    device: str = dataclasses.field(default="auto", metadata={"choices": DEVICES})
-    """'auto' (CUDA if present, else CPU), 'cuda' or 'cpu'."""
-    compile: bool = True
-    """Use the compiled train_step (torch.compile); off: the eager reference step."""
-    workers: int = 2
-    """DataLoader worker processes."""
-    log_every: int = 10
-    """Steps between metric reads (the only host syncs of the loop)."""
-    ckpt_every: int = 100
-    """Steps between checkpoints (one is always written at the end)."""
-    keep_checkpoints: int = 3
-    """Newest checkpoints kept on disk."""
-    eval_every: int = 1000
-    """Steps between k-NN evaluations of the teacher, besides the start and the end (0: those two only)."""
-    knn_k: int = 20
-    """k of the weighted k-NN evaluation."""
-    eval_samples: int = 2000
-    """Memory-bank and query images used by k-NN during training (0: all)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps in total (0: the whole schedule)."""
-    max_minutes: float = 0.0
-    """Stop (with a checkpoint) once this much wall time has passed in this process (0: no limit)."""
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms(True): bitwise reproducible runs and resumes."""
-    attention_images: int = 4
-    """Images whose attention maps are saved at each k-NN evaluation and at the end (ViT backbones)."""
-    embedding_snapshots: bool = True
-    """At each k-NN evaluation: PCA of the query features in embeddings/, attention maps in attention/, to trackers."""
-    embedding_tsne: bool = False
-    """Add a t-SNE of the query features to each snapshot (exact: ~20 s per evaluation on 2 CPU cores)."""
-    tensorboard: bool = True
-    """Write TensorBoard events to run_dir/tb (off: drops tensorboard from the trackers)."""
-    trackers: str = "tensorboard"
-    """Experiment trackers, comma-separated: tensorboard, mlflow (run_dir/mlruns), wandb (offline); 'none'."""
-    progress: bool = True
-    """Show a progress bar."""
-
-    def __post_init__(self) -> None:
-        # Checked here, not mid-run: a bad value must fail before any compile or data work starts.
-        for name, lo in (
-            ("workers", 0),
-            ("log_every", 1),
-            ("ckpt_every", 1),
-            ("keep_checkpoints", 1),
-            ("eval_every", 0),
-            ("knn_k", 1),
-            ("eval_samples", 0),
-            ("max_steps", 0),
-            ("attention_images", 0),
-        ):
-            check_int(f"TrainOptions.{name}", getattr(self, name), lo=lo)
-        check_real("TrainOptions.max_minutes", self.max_minutes, lo=0)  # 0: no limit
-        if self.device not in DEVICES:
-            raise ValueError(f"TrainOptions.device={self.device!r} is invalid: choose one of {DEVICES}")
-        parse_trackers(self.trackers)
-
-    @property
-    def tracker_names(self) -> tuple[str, ...]:
-        """The trackers this run writes to: ``trackers`` less tensorboard when ``tensorboard`` is off."""
-        return tuple(n for n in parse_trackers(self.trackers) if self.tensorboard or n != "tensorboard")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# Options that may change when a run is resumed (how it runs, not what it computes).
-RESUMABLE_OVERRIDES = (
-    "device",
-    "compile",
-    "workers",
-    "log_every",
-    "ckpt_every",
-    "keep_checkpoints",
-    "eval_every",
-    "max_steps",
-    "max_minutes",
-    "progress",
-    "tensorboard",
-    "trackers",
-    "deterministic",
-    "embedding_snapshots",
-    "embedding_tsne",
+from .train_guard import (  # noqa: F401 (NonFiniteLossError, params_finite: API)
+    NonFiniteLossError,
+    check_finite,
+    params_finite,
+    read_step_metrics,
+    save_checked,
 )
+from .train_options import RESUMABLE_OVERRIDES, TrainOptions, resolve_device
 
 
-def resolve_device(name: str, info_device: torch.device) -> str:
-    """``name`` is one of DEVICES (TrainOptions checks it); 'auto' follows the distributed setup."""
-    if name == "auto":
-        return info_device.type
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA device is available; use --device cpu")
-    return name
+def _writes_folder() -> bool:
+    """Rank 0 (or a plain process) writes the run folder; torchrun's other ranks only read it."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _folder_lock(run_dir: Path):
+    return rf.RunLock(run_dir) if _writes_folder() else nullcontext()
 
 
 def run(cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool = False) -> dict[str, Any]:
-    """Start a new run in ``opts.run_dir`` and train; returns the summary."""
+    """Start a new run in ``opts.run_dir`` and train; returns the summary.
+
+    With ``overwrite`` the old run in the folder is set aside, deleted once the new run's first checkpoint
+    is on disk, and put back if the new run fails before that.
+    """
     run_dir = Path(opts.run_dir)
-    if ckpt.list_checkpoints(run_dir) and not overwrite:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints; resume it with --resume {run_dir} or start over with --overwrite"
-        )
-    return _train(cfg, opts, resume_from=None, overwrite=overwrite)
+    with _folder_lock(run_dir):
+        if _writes_folder():
+            rf.recover(run_dir, ckpt.list_checkpoints)
+        if ckpt.list_checkpoints(run_dir) and not overwrite:
+            raise FileExistsError(
+                f"{run_dir} already holds checkpoints; resume it with --resume {run_dir} or start over with --overwrite"
+            )
+        try:
+            return _train(cfg, opts, meta=None, overwrite=overwrite)
+        except BaseException:
+            if _writes_folder() and overwrite and rf.restore_replaced(run_dir):
+                warnings.warn(
+                    f"{run_dir}: the new run failed before its first checkpoint; the old run is restored", stacklevel=2
+                )
+            raise
 
 
-def resume(run_dir: str | Path, **overrides: Any) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its newest checkpoint (mid-epoch)."""
+def resume(run_dir: str | Path, *, skip_batches: int = 0, **overrides: Any) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its newest valid checkpoint (mid-epoch).
+
+    ``overrides``: options of `RESUMABLE_OVERRIDES` (how it runs) and config fields of
+    `fdino.run_folder.RESUMABLE_CONFIG` (recorded in run.json as a change at the checkpoint's step);
+    ``skip_batches``: batches to step over from there (a batch that made the loss non-finite).
+    """
     run_dir = Path(run_dir)
-    meta_path = run_dir / "run.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} is missing: {run_dir} is not an fdino run folder")
-    meta = json.loads(meta_path.read_text())
+    check_int("skip_batches", skip_batches, lo=0)
+    config_changes = {k: overrides.pop(k) for k in list(overrides) if k in rf.RESUMABLE_CONFIG}
     bad = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
     if bad:
         raise ValueError(
-            f"cannot change {bad} when resuming (they change what is computed); allowed: {list(RESUMABLE_OVERRIDES)}"
+            f"cannot change {bad} when resuming (they change what is computed); allowed: "
+            f"{list(RESUMABLE_OVERRIDES) + list(rf.RESUMABLE_CONFIG)} and skip_batches"
         )
-    opts = TrainOptions(**{**meta["options"], **overrides, "run_dir": str(run_dir)})
-    cfg = DinoConfig.from_dict(meta["config"])
-    return _train(cfg, opts, resume_from=ckpt.resolve_checkpoint(run_dir))
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist: it is not an fdino run folder")
+    with _folder_lock(run_dir):
+        if _writes_folder():
+            rf.recover(run_dir, ckpt.list_checkpoints)
+        meta = rf.read_run_meta(run_dir, ckpt.newest_run_meta)
+        opts = TrainOptions(**{**meta["options"], **overrides, "run_dir": str(run_dir)})
+        cfg = DinoConfig.from_dict(meta["config"])
+        change = (config_changes, skip_batches) if config_changes or skip_batches else None
+        return _train(cfg, opts, meta=meta, change=change)
 
 
-def _train(cfg: DinoConfig, opts: TrainOptions, *, resume_from: Path | None, overwrite: bool = False) -> dict[str, Any]:
-    info = init_from_env(None if opts.device == "auto" else opts.device)
+def _train(
+    cfg: DinoConfig,
+    opts: TrainOptions,
+    *,
+    meta: dict[str, Any] | None,
+    overwrite: bool = False,
+    change: tuple[dict[str, Any], int] | None = None,
+) -> dict[str, Any]:
+    """``meta``: the run.json of the run to resume (None: a new run)."""
+    info = init_from_env(None if opts.device == "auto" else opts.device, timeout_minutes=opts.dist_timeout_minutes)
     try:
-        return _train_process(cfg, opts, info, resume_from, overwrite)
+        return _train_process(cfg, opts, info, meta, overwrite, change)
     finally:
         shutdown()
 
 
 def _train_process(
-    cfg: DinoConfig, opts: TrainOptions, info: DistInfo, resume_from: Path | None, overwrite: bool
+    cfg: DinoConfig,
+    opts: TrainOptions,
+    info: DistInfo,
+    meta: dict[str, Any] | None,
+    overwrite: bool,
+    change: tuple[dict[str, Any], int] | None,
 ) -> dict[str, Any]:
     device = torch.device(resolve_device(opts.device, info.device))
     if device.type == "cuda" and info.enabled:
@@ -215,15 +157,22 @@ def _train_process(
     cfg = cfg.replace(steps_per_epoch=steps_per_epoch)
 
     # --- state ---------------------------------------------------------------------------------------
-    if resume_from is None:
+    new_run = meta is None
+    if new_run:
         state, loop = init_state(cfg, device=device), LoopState(steps_per_epoch=steps_per_epoch)
+        meta = {"config": cfg.to_dict(), "options": opts.to_dict()}
     else:
-        state, saved_loop = ckpt.load_checkpoint(resume_from, device=device)
-        if state.cfg != cfg:
+        state, saved_loop, resume_from = ckpt.load_newest_valid(run_dir, device=device)
+        if state.cfg != rf.config_at(meta, int(state.step)).replace(steps_per_epoch=steps_per_epoch):
             raise ValueError(f"{resume_from} was written with another config than {run_dir / 'run.json'}")
         loop = LoopState.from_dict(saved_loop, steps_per_epoch=steps_per_epoch)
         if int(state.step) != loop.step:
             raise ValueError(f"{resume_from} is inconsistent: state.step={int(state.step)} but loop step={loop.step}")
+        if change is not None:  # --resume with new settings: from this checkpoint's step on, on record
+            meta = rf.with_change(meta, loop.step, *change)
+            state = state.replace(cfg=state.cfg.replace(**change[0]))
+            loop = dataclasses.replace(loop, skipped_batches=loop.skipped_batches + change[1])
+        cfg = state.cfg
     reducer = None
     if info.enabled:
         broadcast_state_(state)
@@ -233,9 +182,10 @@ def _train_process(
     step_fn = train_step if opts.compile else train_step_eager
 
     # --- outputs (rank 0 only) -----------------------------------------------------------------------
-    if info.is_main and resume_from is None:
-        start_run_folder(run_dir, cfg, opts, overwrite=overwrite)
+    if info.is_main and new_run:
+        start_run_folder(run_dir, meta, overwrite=overwrite)
     elif info.is_main:
+        rf.write_run_meta(run_dir, meta)  # with this resume's change, if any
         remove_snapshots(run_dir, after=loop.step)  # a killed run's past its checkpoint; this run redoes them
     evals = EvalSets.build(opts, cfg, device) if info.is_main else None
     knn_on = evals is not None and evals.labeled
@@ -258,7 +208,7 @@ def _train_process(
     bar = progress_bar(total, loop.step, enabled=opts.progress and info.is_main)
     last_values: dict[str, float] = {}
     try:
-        for _, epoch, crops, _labels in itertools.islice(loader.steps(loop.step), max(total - loop.step, 0)):
+        for _, epoch, crops, _labels in itertools.islice(loader.steps(loop.data_position), max(total - loop.step, 0)):
             crops = [c.to(device, non_blocking=True) for c in crops]
             step_started = time.perf_counter()
             state, metrics = step_fn(state, crops, reducer=reducer, world_size=info.world_size)
@@ -277,10 +227,13 @@ def _train_process(
                 log.snapshot(snapshot)
                 log.scalar("knn/top1", loop.knn_history[-1].top1, step)
                 bar.write(f"step {step}: teacher {opts.knn_k}-NN top-1 {loop.knn_history[-1].top1:.2f}%")
-            out_of_time = opts.max_minutes > 0 and timer.seconds() > 60 * opts.max_minutes
+            out_of_time = opts.max_minutes > 0 and rank0_decides(timer.seconds() > 60 * opts.max_minutes, info)
             if step % opts.ckpt_every == 0 or step == total or out_of_time:
                 loop = dataclasses.replace(loop, elapsed=elapsed_before + timer.seconds())
-                _save(run_dir, state, metrics, loop, info, opts)
+                if info.is_main:
+                    save_checked(run_dir, state, metrics, loop, keep=opts.keep_checkpoints, run_meta=meta)
+                else:  # the same checks on the same (all-reduced) values: every rank stops where rank 0 does
+                    check_finite(state, metrics, loop.step, run_dir)
             if out_of_time:
                 break
     except BaseException:
@@ -319,29 +272,13 @@ def _train_process(
     return summary
 
 
-def start_run_folder(run_dir: Path, cfg: DinoConfig, opts: TrainOptions, *, overwrite: bool) -> None:
-    """run.json of a new run; with ``overwrite``, the old run's checkpoints and metrics go first."""
+def start_run_folder(run_dir: Path, meta: dict[str, Any], *, overwrite: bool) -> None:
+    """run.json of a new run; with ``overwrite``, the old run is set aside first (see `run`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for old in ckpt.list_checkpoints(run_dir):
-            old.unlink()
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if overwrite and any(p.name not in (rf.LOCK_NAME, rf.REPLACED) for p in run_dir.iterdir()):
+        rf.set_aside(run_dir)
     remove_snapshots(run_dir)  # a new run's folder may hold those of one that died before its first checkpoint
-    meta = {"config": cfg.to_dict(), "options": opts.to_dict()}
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def read_step_metrics(metrics: dict[str, torch.Tensor], step: int, run_dir: Path) -> dict[str, float]:
-    values = {k: float(v) for k, v in metrics.items()}  # the loop's only per-log host sync
-    if not math.isfinite(values["loss"]):
-        last = ckpt.list_checkpoints(run_dir)
-        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
-        raise NonFiniteLossError(
-            f"non-finite loss ({values['loss']}) at step {step}; stopped, {where}. Likely causes: a learning rate "
-            "too high for this batch size, fp16 overflow (use bf16), or corrupt inputs. Resume from the "
-            "checkpoint with a lower --lr or a longer --warmup-epochs."
-        )
-    return values
+    rf.write_run_meta(run_dir, meta)
 
 
 def log_reading(
@@ -370,30 +307,6 @@ def log_reading(
         bar.write(loop.collapse_warning)
         log.event("collapse_warning", loop.collapse_warning)
     return loop
-
-
-def params_finite(state: TrainState) -> bool:
-    norms = torch._foreach_norm(list(state.student.values()) + list(state.teacher.values()))
-    return bool(torch.isfinite(torch.stack(norms)).all() and torch.isfinite(state.center).all())
-
-
-def _save(
-    run_dir: Path,
-    state: TrainState,
-    metrics: dict[str, torch.Tensor],
-    loop: LoopState,
-    info: DistInfo,
-    opts: TrainOptions,
-) -> None:
-    """Checkpoint on rank 0, only a state whose loss and parameters are finite."""
-    if not info.is_main:
-        return
-    read_step_metrics(metrics, loop.step, run_dir)
-    if not params_finite(state):
-        raise NonFiniteLossError(
-            f"parameters became non-finite at step {loop.step}; not saved, previous checkpoints kept"
-        )
-    ckpt.save_checkpoint(run_dir, state, loop.to_dict(), keep=opts.keep_checkpoints)  # rank 0: no RNG offset
 
 
 def progress_bar(total: int, initial: int, *, enabled: bool):

@@ -39,7 +39,7 @@ def test_round_trips_through_a_checkpoint_file(tmp_path):
     saved = save_checkpoint(tmp_path, state, loop.to_dict())
     _, raw = load_checkpoint(saved)
     assert LoopState.from_dict(raw, steps_per_epoch=5) == loop
-    assert {**OLD_LOOP, "collapse_streak": 0, "collapse_warning": None} == LoopState.from_dict(
+    assert {**OLD_LOOP, "skipped_batches": 0, "collapse_streak": 0, "collapse_warning": None} == LoopState.from_dict(
         OLD_LOOP, steps_per_epoch=6
     ).to_dict()  # the same keys as before
 

@@ -188,7 +188,7 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_pa
     )
     assert code == 3
     err = capsys.readouterr().err
-    assert "non-finite loss" in err and "ckpt-00000004.pt" in err and "lower --lr" in err
+    assert "non-finite loss" in err and "ckpt-00000004.pt" in err and "--resume" in err and "--lr LOWER" in err
     saved = list_checkpoints(run_dir)
     assert [p.name for p in saved] == ["ckpt-00000002.pt", "ckpt-00000004.pt"]
     state, _ = load_checkpoint(saved[-1])
@@ -203,7 +203,7 @@ def test_existing_run_needs_resume_or_overwrite_and_resume_keeps_the_config(tmp_
     assert cli.main([*base, "--max-steps", "2"]) == 2
     assert "--resume" in capsys.readouterr().err
     assert cli.main(["train", "--resume", run_dir, "--out-dim", "32"]) == 2
-    assert "drop ['out_dim']" in capsys.readouterr().err
+    assert "drop ['--out-dim']" in capsys.readouterr().err
     assert cli.main(["train", "--resume", run_dir, "--max-steps", "4", "--no-progress"]) == 0
     assert int(load_checkpoint(run_dir)[0].step) == 4
     assert cli.main([*base, "--max-steps", "2", "--overwrite"]) == 0

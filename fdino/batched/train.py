@@ -31,15 +31,14 @@ from ..run_log import MetricsLog, finish_report
 from ..state import default_device, init_state
 from ..trackers import check_available, make_trackers
 from ..train import (
-    NonFiniteLossError,
     TrainOptions,
-    params_finite,
     progress_bar,
     read_step_metrics,
     resolve_device,
     start_run_folder,
 )
 from ..train_eval import EvalSets, evaluate_knn, save_attention
+from ..train_guard import save_checked
 from .hyper import differing_fields
 from .state import BatchedState, stack_states, unstack
 from .step import batched_train_step, batched_train_step_eager
@@ -105,7 +104,7 @@ def train_batched(
         states = [init_state(cfg, device=device) for cfg in cfgs]
         loops = [LoopState(steps_per_epoch=steps_per_epoch) for _ in cfgs]
         for cfg, run_dir in zip(cfgs, run_dirs):
-            start_run_folder(run_dir, cfg, dataclasses.replace(opts, run_dir=str(run_dir)), overwrite=True)
+            start_run_folder(run_dir, run_meta(cfg, opts, run_dir), overwrite=True)
     else:
         states, loops = [], []
         for cfg, run_dir in zip(cfgs, run_dirs):
@@ -228,14 +227,17 @@ def _log(metrics, step, epoch, cfgs, loops, timer, logs, run_dirs, bar) -> tuple
     return readings, loops
 
 
+def run_meta(cfg: DinoConfig, opts: TrainOptions, run_dir: Path) -> dict:
+    """A variant's run.json: what `fdino train` writes for the same run."""
+    return {"config": cfg.to_dict(), "options": dataclasses.replace(opts, run_dir=str(run_dir)).to_dict()}
+
+
 def _save_all(bstate: BatchedState, metrics, loops, run_dirs, opts: TrainOptions) -> None:
     host = metrics["loss"].detach().cpu()
     for i, (loop, run_dir) in enumerate(zip(loops, run_dirs)):
-        read_step_metrics({"loss": host[i]}, loop.step, run_dir)
         state = unstack(bstate, i)
-        if not params_finite(state):
-            raise NonFiniteLossError(f"{run_dir}: parameters became non-finite at step {loop.step}; not saved")
-        ckpt.save_checkpoint(run_dir, state, loop.to_dict(), keep=opts.keep_checkpoints)
+        meta = run_meta(state.cfg, opts, run_dir)
+        save_checked(run_dir, state, {"loss": host[i]}, loop, keep=opts.keep_checkpoints, run_meta=meta)
 
 
 __all__ = ["common_checkpoint_step", "train_batched"]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import FORMAT as CHECKPOINT_FORMAT
-from ..checkpoint import backbone_weights, list_checkpoints, resolve_checkpoint, state_from_dict
+from ..checkpoint import backbone_weights, list_checkpoints, newest_valid_checkpoint, state_from_dict
 from ..config import DinoConfig
 from ..models import is_vit, timm_kwargs
 from .build import build_timm_backbone, create_timm
@@ -86,7 +86,7 @@ def _open(source: str | Path | Mapping[str, Any]) -> tuple[Any, ExportInfo | Non
         raise FileNotFoundError(f"model source {str(source)!r} does not exist ({MODEL_SOURCES_HELP})")
     if path.is_dir():
         folder_model = path / FOLDER_MODEL_FILE
-        path = folder_model if folder_model.is_file() and not list_checkpoints(path) else resolve_checkpoint(path)
+        path = folder_model if folder_model.is_file() and not list_checkpoints(path) else newest_valid_checkpoint(path)
     export_info = read_export_info(path) if path.suffix == ".safetensors" else None
     try:
         content = read_weights_file(path)
