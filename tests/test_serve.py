@@ -86,7 +86,10 @@ def loaded(run_dir):
 
 @pytest.fixture(scope="module")
 def service(loaded, images, tmp_path_factory):
-    config = ServiceConfig(max_upload_bytes=64 * 1024, max_pixels=512 * 512, max_wait_ms=20.0, max_batch=32)
+    # max_queue: test_50_concurrent_searches sends 50 at once (over the default bound of 32, which answers 503).
+    config = ServiceConfig(
+        max_upload_bytes=64 * 1024, max_pixels=512 * 512, max_wait_ms=20.0, max_batch=32, max_queue=64
+    )
     svc = FeatureService(
         loaded, images, arch=loaded.info.arch, config=config, cache_dir=tmp_path_factory.mktemp("cache")
     )
@@ -97,7 +100,8 @@ def service(loaded, images, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(service):
-    with TestClient(create_app(service), raise_server_exceptions=False) as c:
+    # The service answers only to its own host names (a DNS-rebinding guard), not TestClient's "testserver".
+    with TestClient(create_app(service), base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as c:
         yield c
 
 
@@ -263,7 +267,7 @@ def test_service_without_folder_or_vit(loaded):
     )
     svc = FeatureService(cnn, None, arch="tiny-cnn")
     try:
-        with TestClient(create_app(svc)) as c:
+        with TestClient(create_app(svc), base_url="http://localhost:8000") as c:
             assert c.get("/health").json()["attention"] is False
             r = c.post("/search", files={"file": ("a.png", _png(), "image/png")})
             assert r.status_code == 409 and "--images" in r.json()["error"]
@@ -434,6 +438,8 @@ def test_search_notices_new_files(service, client, images):
     new = write_images(images / "added", n=1, start=40)[0]
     service._last_check = 0.0  # the folder is checked every refresh_interval (2 s): make this search check it
     try:
+        client.post("/search", files=upload(new), data={"k": "1"})  # starts a refresh in the background
+        service.refresh_in_background().result(timeout=60)  # (the one running) done: later searches see it
         r = client.post("/search", files=upload(new), data={"k": "1"})
         assert r.json()["results"][0]["path"] == "added/" + new.name
     finally:

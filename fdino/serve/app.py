@@ -6,95 +6,37 @@ Routes:
   POST /embed       multipart field ``file`` (an image) -> ``{"dim", "feature"}``
   POST /search      fields ``file`` and optional ``k`` -> ``{"k", "images", "results": [{"path", "score", "url"}]}``
   POST /attention   field ``file`` -> PNG: the query and its last-block CLS attention (ViTs)
-  GET  /images/P    an indexed image (only paths in the index are served)
+  GET  /images/P    an indexed image (only paths in the index, resolved inside the folder, are served)
+  /docs, /redoc, /openapi.json only with ``docs=True`` (fdino serve --docs)
 
-Every error is JSON ``{"error": message, "status": code}``: 400 empty or malformed upload, 404 unknown
-image, 409 feature unavailable (no folder, not a ViT), 413 upload or image too large, 415 not an
-image, 422 missing/invalid field. Bodies over the limit are refused from their Content-Length, or
-while streaming when there is none, before they are stored anywhere.
+Every error is JSON ``{"error": message, "status": code}``: 400 empty or malformed upload or a Host
+header that does not name this server, 401 missing token (when one is set), 404 unknown image, 408/504
+request timeout, 409 feature unavailable (no folder, not a ViT), 413 upload or image too large (bytes,
+pixels, aspect ratio, decoding memory), 415 not an accepted image, 422 missing/invalid field, 503 queue
+full (with Retry-After). Bodies over the limit are refused from their Content-Length, or while
+streaming when there is none, before they are stored anywhere. A 500 says only "internal error" and a
+request id; the exception is logged with that id (logger ``fdino.serve``).
+
+Result paths are text (names that are not UTF-8 show U+FFFD); their ``url`` percent-encodes the exact
+file name (`fdino.serve.paths`). Guards (host, token, queue, timeouts) are in `fdino.serve.guard`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route annotations at run time and
 # they name classes imported inside `create_app` (FastAPI is optional).
 import json
+import logging
+import uuid
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from .guard import LOOPBACK_NAMES, Admission, BodyLimit, HostCheck, TokenCheck, error_body
+from .paths import name_from_raw_path
 from .service import FeatureService, UploadError
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small form fields around the file
-
-
-def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": message, "status": status, **extra}
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over ``max_bytes`` (declared or streamed)."""
-
-    def __init__(self, app, max_bytes: int, upload_limit: int | None = None) -> None:
-        self.app, self.max_bytes = app, int(max_bytes)
-        self.upload_limit = int(upload_limit if upload_limit is not None else max_bytes)
-
-    async def _reply_413(self, send, size: str) -> None:
-        body = json.dumps(
-            error_body(
-                413,
-                f"upload too large: a request body of {size}; uploads are limited to "
-                f"{self.upload_limit} bytes ({self.upload_limit / 2**20:.1f} MiB)",
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reply_413(send, f"{int(declared)} bytes")
-            return
-        state = {"received": 0, "over": False, "started": False}
-
-        async def limited_receive():
-            message = await receive()
-            if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
-                if state["received"] > self.max_bytes:
-                    state["over"] = True
-                    raise _TooLarge()
-            return message
-
-        async def guarded_send(message):
-            if state["over"]:  # whatever the app answers after the overflow, the client gets the 413
-                if message["type"] == "http.response.start" and not state["started"]:
-                    state["started"] = True
-                    await self._reply_413(send, f"more than {state['received'] - 1} bytes")
-                return
-            if message["type"] == "http.response.start":
-                state["started"] = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, guarded_send)
-        except _TooLarge:
-            if not state["started"]:
-                await self._reply_413(send, f"more than {self.max_bytes} bytes")
-
-
-class _TooLarge(Exception):
-    """The request body passed the upload limit while streaming (answered with 413)."""
+UPLOAD_PATHS = ("/embed", "/search", "/attention")
+log = logging.getLogger("fdino.serve")
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> str:
@@ -116,8 +58,21 @@ def page_html() -> str:
     return resources.files("fdino.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def create_app(service: FeatureService):
-    """The FastAPI application around ``service`` (which must already be refreshed to serve /search)."""
+def create_app(
+    service: FeatureService,
+    *,
+    allowed_hosts: Sequence[str] | None = LOOPBACK_NAMES,
+    token: str | None = None,
+    docs: bool = False,
+):
+    """The FastAPI application around ``service`` (which must already be refreshed to serve /search).
+
+    Args:
+        allowed_hosts: accepted ``Host`` headers: ``name:port`` exactly or ``name`` on any port (default:
+            the loopback names on any port); None accepts any host (`fdino.serve.guard.allowed_hosts`).
+        token: if set, every request must carry it (``Authorization: Bearer`` or ``?token=``).
+        docs: serve /docs, /redoc and /openapi.json.
+    """
     from contextlib import asynccontextmanager  # noqa: PLC0415
 
     from fastapi import FastAPI, File, Form, Request, UploadFile  # noqa: PLC0415
@@ -132,8 +87,24 @@ def create_app(service: FeatureService):
         yield
         await service.aclose()
 
-    app = FastAPI(title="fdino feature service", version="1", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app = FastAPI(
+        title="fdino feature service",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    config = service.config
+    # add_middleware: the last added runs first (host, then token, then body size, then the queue).
+    app.add_middleware(
+        Admission, paths=UPLOAD_PATHS, max_queue=config.max_queue, timeout=config.request_timeout, retry_after=1
+    )
     app.add_middleware(BodyLimit, max_bytes=limit + MULTIPART_OVERHEAD, upload_limit=limit)
+    if token:
+        app.add_middleware(TokenCheck, token=token)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.state.service = service
 
     @app.exception_handler(UploadError)
@@ -155,7 +126,11 @@ def create_app(service: FeatureService):
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):  # a bug, not the client's fault; still JSON
-        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
+        # The exception's text may hold paths or data: it goes to the server log, the client gets an id.
+        request_id = uuid.uuid4().hex[:16]
+        log.error("request %s %s %s failed", request_id, request.method, request.url.path, exc_info=exc)
+        message = f"internal error (request id {request_id}; the server log has the details)"
+        return JSONResponse(error_body(500, message, request_id=request_id), status_code=500)
 
     async def read_upload(file: UploadFile) -> bytes:
         data = await file.read(limit + 1)
@@ -192,13 +167,16 @@ def create_app(service: FeatureService):
         return Response(await service.attention(await read_upload(file)), media_type="image/png")
 
     @app.get("/images/{path:path}")
-    async def image(path: str):
-        full = service.index.file(path) if service.index is not None else None
-        if full is None or not full.is_file():
+    async def image(request: Request, path: str):
+        # The raw path keeps bytes that are not UTF-8 (the decoded ``path`` replaced them).
+        name = name_from_raw_path(request.scope.get("raw_path") or b"", request.scope.get("root_path", ""))
+        name = path if name is None else name
+        full = service.index.file(name) if service.index is not None else None
+        if full is None:
             raise UploadError(404, f"no indexed image {path!r}")
         return FileResponse(full)
 
     return app
 
 
-__all__ = ["create_app", "BodyLimit", "page_html", "error_body"]
+__all__ = ["create_app", "BodyLimit", "UPLOAD_PATHS", "page_html", "error_body"]

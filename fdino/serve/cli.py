@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+TOKEN_ENV = "FDINO_SERVE_TOKEN"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "folder is embedded once and cached on disk (keyed on the model and each file's path, size, modification "
         "time and content hash; changed files are re-embedded on the next search). Endpoints: GET / (search page), "
         "GET /health, POST /embed, POST /search, POST /attention (ViTs), GET /images/PATH. Concurrent "
-        "requests are batched into one forward pass.",
+        "requests are batched into one forward pass. Binding an address other than loopback needs --token "
+        "(or --allow-public); requests must name this server in their Host header (DNS-rebinding guard).",
     )
     from ..weights.cli_args import add_model_arguments  # noqa: PLC0415
 
@@ -29,6 +33,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes the service to the network)",
     )
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV) or None,
+        help=f"require this token on every request ('Authorization: Bearer TOKEN', or open /?token=TOKEN in the "
+        f"browser); needed to bind a non-loopback --host. Default: ${TOKEN_ENV} (keeps it out of the process list)",
+    )
+    p.add_argument(
+        "--allow-public",
+        action="store_true",
+        help="bind a non-loopback --host without --token: anyone who reaches the port can use the service",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also accept requests whose Host header is NAME or NAME:PORT (e.g. the machine's DNS name); "
+        "repeatable. Default: 127.0.0.1:PORT, localhost:PORT and the bound address",
+    )
+    p.add_argument("--docs", action="store_true", help="serve the API docs at /docs, /redoc and /openapi.json")
     p.add_argument("--cache-dir", type=Path, default=None, help="index cache folder (default: ~/.cache/fdino/serve)")
     p.add_argument("--max-batch", type=int, default=32, help="most requests batched into one forward (default: 32)")
     p.add_argument(
@@ -38,6 +62,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how long a request waits for others to batch with (default: 5 ms)",
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload in MiB (default: 10)")
+    p.add_argument(
+        "--max-decode-mb",
+        type=float,
+        default=512.0,
+        help="memory budget of decoding one upload, estimated from its header; larger images get 413 (default: 512)",
+    )
+    p.add_argument("--decode-workers", type=int, default=2, help="threads decoding uploads (default: 2)")
+    p.add_argument(
+        "--max-queue", type=int, default=32, help="upload requests in progress at once; more get 503 (default: 32)"
+    )
+    p.add_argument("--request-timeout", type=float, default=60.0, help="seconds per upload request (default: 60)")
+    p.add_argument("--max-connections", type=int, default=128, help="concurrent connections (default: 128)")
+    p.add_argument("--keep-alive", type=int, default=5, help="idle keep-alive timeout in seconds (default: 5)")
     p.add_argument(
         "--refresh-interval",
         type=float,
@@ -55,11 +92,21 @@ def build_service(args: argparse.Namespace):
     from .service import FeatureService, ServiceConfig  # noqa: PLC0415
 
     loaded = model_from_args(args, dest="source", device=args.device)
+    # Options other commands' parsers may lack (`fdino app` reuses this function): ServiceConfig's defaults.
+    optional = {
+        "max_decode_bytes": ("max_decode_mb", lambda mb: int(mb * 2**20)),
+        "decode_workers": ("decode_workers", int),
+        "max_queue": ("max_queue", int),
+        "request_timeout": ("request_timeout", float),
+        "max_connections": ("max_connections", int),
+        "keep_alive_timeout": ("keep_alive", int),
+    }
     config = ServiceConfig(
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         refresh_interval=args.refresh_interval,
+        **{field: cast(getattr(args, name)) for field, (name, cast) in optional.items() if hasattr(args, name)},
     )
     model_info = model_args_record(args, str(Path(args.source).resolve()))
     return FeatureService(
@@ -67,11 +114,28 @@ def build_service(args: argparse.Namespace):
     )
 
 
+def check_exposure(args: argparse.Namespace) -> str | None:
+    """Why ``args`` may not be served as given (a public bind without a token), or None."""
+    from .guard import is_loopback  # noqa: PLC0415
+
+    if not is_loopback(args.host) and not args.token and not args.allow_public:
+        return (
+            f"--host {args.host} exposes the service beyond this machine: give --token TOKEN (or set ${TOKEN_ENV}) "
+            "so that only clients with the token are served, or --allow-public to serve anyone who reaches the port"
+        )
+    return None
+
+
 def run_serve(args: argparse.Namespace) -> int:
+    problem = check_exposure(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         import uvicorn  # noqa: PLC0415
 
         from .app import create_app  # noqa: PLC0415
+        from .guard import allowed_hosts  # noqa: PLC0415
     except ImportError as e:
         print(
             f"error: fdino serve needs the 'serve' extras ({e.name} is missing): pip install 'fdino[serve]'",
@@ -99,12 +163,16 @@ def run_serve(args: argparse.Namespace) -> int:
             f"cache {service.index.cache_path}",
             flush=True,
         )
-    print(f"serving {service.arch} on http://{args.host}:{args.port}/ (Ctrl+C stops)", flush=True)
+    page = f"http://{args.host}:{args.port}/" + ("?token=TOKEN" if args.token else "")
+    print(f"serving {service.arch} on {page} (Ctrl+C stops)", flush=True)
+    app = create_app(
+        service, allowed_hosts=allowed_hosts(args.host, args.port, args.allow_host), token=args.token, docs=args.docs
+    )
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **service.config.uvicorn_options())
     finally:
         service.close()
     return 0
 
 
-__all__ = ["register", "run_serve", "build_service"]
+__all__ = ["register", "run_serve", "build_service", "check_exposure"]

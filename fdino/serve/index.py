@@ -8,7 +8,12 @@ the folder's fingerprint (a hash of every triple) is unchanged. The content hash
 every cached row on the first refresh of an index (a folder copied or restored with preserved
 times can repeat sizes and mtimes with other bytes; that costs one read of every file at start);
 afterwards, within the process, an unchanged triple is trusted. Files that cannot be decoded are
-remembered with their triple and not retried until it changes.
+remembered with their triple and not retried until it changes. Symlinks that lead outside the
+folder are not indexed (counted in ``outside``), and `FolderIndex.file` checks containment again
+each time a file is served. Names that are not valid UTF-8 are indexed as Python lists them
+(surrogate escapes, see `fdino.serve.paths`). A refresh builds the new rows aside and swaps them in
+with one assignment, so searches running meanwhile (the service refreshes on a background thread)
+see either the old index or the new one, never a mix.
 
 Cache file: the `fdino embed` format (`fdino.eval.embed.save_embeddings`, safetensors): tensor
 ``features`` float32 ``[N, D]`` (raw backbone features, not normalized), ``labels`` (-1), absolute
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -29,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from ..data.images import has_image_extension
+from .paths import contained, name_bytes, within
 
 FORMAT = "fdino-serve-index-v2"  # v2: rows carry the SHA-256 of their file (v1 caches are rebuilt)
 
@@ -42,28 +49,41 @@ class FileStat(NamedTuple):
 
 
 def scan_folder(root: str | Path) -> list[FileStat]:
-    """Image files under ``root`` (by extension), sorted by path; hidden entries are skipped."""
+    """Image files under ``root`` (by extension), sorted by path; hidden entries and symlinks that
+    lead outside ``root`` are skipped."""
+    return _scan(root)[0]
+
+
+def _scan(root: str | Path) -> tuple[list[FileStat], list[str]]:
+    """``(scan_folder(root), names of symlinks skipped because they lead outside root)``."""
     root = Path(root)
-    found = []
-    for directory, dirs, files in os.walk(root):
+    root_real = os.path.realpath(root)
+    found, outside = [], []
+    for directory, dirs, files in os.walk(root):  # directory symlinks are not followed
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if name.startswith(".") or not has_image_extension(name):
                 continue
             full = Path(directory) / name
             try:
-                st = full.stat()
-            except OSError:  # vanished between listing and stat
+                st = full.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    real = os.path.realpath(full, strict=True)
+                    if not within(root_real, real):
+                        outside.append(full.relative_to(root).as_posix())
+                        continue
+                    st = os.stat(real)
+            except OSError:  # vanished between listing and stat, or a broken link
                 continue
             found.append(FileStat(full.relative_to(root).as_posix(), int(st.st_size), int(st.st_mtime_ns)))
-    return sorted(found)
+    return sorted(found), sorted(outside)
 
 
 def fingerprint(stats: list[FileStat]) -> str:
     """Hash of every (path, size, mtime_ns): changes whenever a file is added, removed or modified."""
     h = hashlib.sha256()
     for s in stats:
-        h.update(f"{s.path}\0{s.size}\0{s.mtime_ns}\n".encode())
+        h.update(name_bytes(f"{s.path}\0{s.size}\0{s.mtime_ns}\n"))  # names may hold surrogate escapes
     return h.hexdigest()
 
 
@@ -86,6 +106,19 @@ def model_key(backbone: torch.nn.Module, *extra: object) -> str:
     return h.hexdigest()[:32]
 
 
+class _Rows(NamedTuple):
+    """One consistent state of the index (replaced as a whole by a refresh)."""
+
+    files: list[FileStat]
+    digests: list[str]
+    features: torch.Tensor
+    skipped: dict[str, tuple[int, int, str]]
+    by_path: dict[str, int]
+
+
+_EMPTY = _Rows([], [], torch.zeros(0, 0), {}, {})
+
+
 class RefreshResult(NamedTuple):
     """What a refresh changed."""
 
@@ -104,8 +137,8 @@ class FolderIndex:
     """Feature rows for the images of ``root``; call `refresh` to (re)build, `search` to query.
 
     Files are embedded with `fdino.eval.embed.embed_paths` (evaluation view: resize + center crop
-    to ``image_size``, normalized with ``mean`` / ``std``). Not thread-safe: the service calls it
-    from its model thread only.
+    to ``image_size``, normalized with ``mean`` / ``std``). `refresh` must not run twice at once
+    (the service serializes it); `search`, `file` and the row attributes may be read meanwhile.
     """
 
     root: Path
@@ -124,37 +157,56 @@ class FolderIndex:
         self.root = Path(self.root).resolve()
         if not self.root.is_dir():
             raise NotADirectoryError(f"images folder {str(self.root)!r} is not a directory")
-        self.files: list[FileStat] = []
-        self.digests: list[str] = []
-        """SHA-256 of each row's file (`content_hash`), parallel to ``files``."""
-        self.features = torch.zeros(0, 0)
-        self.skipped: dict[str, tuple[int, int, str]] = {}
+        self._rows = _EMPTY
+        self.outside: list[str] = []
+        """Symlinks skipped by the last scan because they lead outside the folder."""
         self._fingerprint: str | None = None
         self._verified = False  # whether the rows' content hashes were checked against the files
-        self._by_path: dict[str, int] = {}
         self._load_cache()
+
+    @property
+    def files(self) -> list[FileStat]:
+        """The indexed files, sorted by path."""
+        return self._rows.files
+
+    @property
+    def digests(self) -> list[str]:
+        """SHA-256 of each row's file (`content_hash`), parallel to ``files``."""
+        return self._rows.digests
+
+    @property
+    def features(self) -> torch.Tensor:
+        """``[N, D]`` raw backbone features, parallel to ``files``."""
+        return self._rows.features
+
+    @property
+    def skipped(self) -> dict[str, tuple[int, int, str]]:
+        """Undecodable files: ``{path: (size, mtime_ns, reason)}``."""
+        return self._rows.skipped
 
     # --- queries ---------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.files)
 
     def file(self, rel: str) -> Path | None:
-        """Absolute path of an indexed file, or None (only indexed files are ever served)."""
-        return self.root / rel if rel in self._by_path else None
+        """Resolved path of an indexed file that is still a regular file inside the folder, else None
+        (only indexed files are ever served, and never through a symlink leading outside)."""
+        return contained(self.root, rel) if rel in self._rows.by_path else None
 
     def search(self, query: torch.Tensor, k: int) -> list[tuple[FileStat, float]]:
         """The ``k`` indexed images most similar to ``query`` ``[D]`` (cosine), best first."""
         from ..eval.embed import search  # noqa: PLC0415
 
-        if not self.files:
+        rows = self._rows  # one snapshot: a refresh may swap in new rows meanwhile
+        if not rows.files:
             return []
-        sims, idx = search(query.reshape(1, -1).float(), self.features, k)
-        return [(self.files[i], float(s)) for s, i in zip(sims[0].tolist(), idx[0].tolist())]
+        sims, idx = search(query.reshape(1, -1).float(), rows.features, k)
+        return [(rows.files[i], float(s)) for s, i in zip(sims[0].tolist(), idx[0].tolist())]
 
     # --- refresh ---------------------------------------------------------------------------------
     def refresh(self) -> RefreshResult:
         """Re-scan the folder; embed new/changed files, drop deleted ones, save the cache if changed."""
-        stats = scan_folder(self.root)
+        stats, self.outside = _scan(self.root)
         fp = fingerprint(stats)
         if fp == self._fingerprint:
             return RefreshResult(0, 0, 0, len(self.files))
@@ -173,11 +225,14 @@ class FolderIndex:
         rows = ([self.features[keep]] if keep else []) + ([new_rows] if len(new_files) else [])
         features = torch.cat(rows) if rows else torch.zeros(0, self.features.shape[-1])
         order = sorted(range(len(files)), key=lambda i: files[i].path)
-        self.files = [files[i] for i in order]
-        self.digests = [digests[i] for i in order]
-        self.features = features[order] if order else features
-        self.skipped = skipped
-        self._by_path = {f.path: i for i, f in enumerate(self.files)}
+        files = [files[i] for i in order]
+        self._rows = _Rows(  # one assignment: readers see the old rows or the new ones
+            files,
+            [digests[i] for i in order],
+            features[order] if order else features,
+            skipped,
+            {f.path: i for i, f in enumerate(files)},
+        )
         self._fingerprint, self._verified = fp, True
         self._save_cache()
         return RefreshResult(len(new_files), removed, len(bad), len(keep))
@@ -248,8 +303,7 @@ class FolderIndex:
             return
         if not len(files) == len(digests) == emb.features.shape[0]:
             return
-        self.files, self.digests, self.features, self.skipped = files, digests, emb.features, skipped
-        self._by_path = {f.path: i for i, f in enumerate(files)}
+        self._rows = _Rows(files, digests, emb.features, skipped, {f.path: i for i, f in enumerate(files)})
 
     def _save_cache(self) -> None:
         if self.cache_path is None:
@@ -293,7 +347,7 @@ def default_cache_path(root: str | Path, model: str, cache_dir: str | Path | Non
     if cache_dir is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         cache_dir = Path(base) / "fdino" / "serve"
-    key = hashlib.sha256(f"{Path(root).resolve()}\0{model}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(name_bytes(f"{Path(root).resolve()}\0{model}")).hexdigest()[:20]
     return Path(cache_dir) / f"index-{key}.safetensors"
 
 

@@ -21,12 +21,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """Context manager: uvicorn serving ``app`` on ``host:port`` (a free port by default) in a thread."""
 
-    def __init__(self, app, *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, app, *, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0, **uvicorn_options
+    ) -> None:
+        """``uvicorn_options`` go to ``uvicorn.Config``; by default the connection limit and keep-alive
+        timeout of the app's service (`fdino.serve.ServiceConfig.uvicorn_options`), as ``fdino serve`` runs."""
         import uvicorn  # noqa: PLC0415
 
         self.host, self.port = host, port or free_port(host)
         self.timeout = timeout
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on")
+        service = getattr(getattr(app, "state", None), "service", None)
+        options = {**(service.config.uvicorn_options() if service is not None else {}), **uvicorn_options}
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="on", **options)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="fdino-serve", daemon=True)
 

@@ -1,34 +1,35 @@
 """The feature service's logic, independent of HTTP: decode uploads, embed, search, attention maps.
 
-All model work (batched forwards, attention, index refreshes) runs on one dedicated thread, so
-requests never run two forwards at once and the index is only touched from that thread; the
-asyncio side only queues work and awaits it.
+Three kinds of threads, each bounded: uploads are decoded on a small pool (``decode_workers``
+threads, each decode within ``max_decode_bytes``: see `fdino.serve.decode`), so memory for decoding
+is bounded by their product whatever the number of requests; forwards (batched) and attention maps
+run on one model thread, so requests never run two forwards at once; the folder is re-indexed on
+its own thread in the background (at most one refresh at a time, started by a search at most every
+``refresh_interval`` seconds), so a long refresh never holds up /embed or /search, which answer from
+the previous index until the new one is swapped in. The asyncio side only queues work and awaits it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import threading
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data import EvalTransform, to_rgb
+from ..data import EvalTransform
 from .batching import BatchQueue
+from .decode import UploadError, decode_image
 from .index import FolderIndex, RefreshResult, default_cache_path, model_key
+from .paths import display_name, image_url
 
-
-class UploadError(Exception):
-    """A client error: ``status`` (4xx) and a message that names the problem."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
+log = logging.getLogger("fdino.serve")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,23 @@ class ServiceConfig:
     """Largest accepted upload (bytes); larger requests get 413."""
     max_pixels: int = 40_000_000
     """Largest accepted image area (width x height) before decoding; guards against decompression bombs."""
+    max_aspect_ratio: float = 20.0
+    """Largest accepted ratio of the long side to the short side (resizing the short side of a 4,000,000 x 10
+    image to 256 px would need ~73 GiB); larger get 413."""
+    max_decode_bytes: int = 512 * 2**20
+    """Memory budget of one upload's decoding and preprocessing, estimated from its header (pixels, mode,
+    format, resize; `fdino.serve.decode.decode_cost`) before decoding; over it gets 413. The default admits
+    8-bit RGB up to ~38 megapixels, 16-bit grey ~33, RGBA ~27; with ``decode_workers`` it bounds the total."""
+    decode_workers: int = 2
+    """Threads decoding uploads (each within ``max_decode_bytes``); other uploads wait for a free one."""
+    max_queue: int = 32
+    """Most upload requests (/embed, /search, /attention) in progress at once; more get 503 + Retry-After."""
+    request_timeout: float = 60.0
+    """Seconds an upload request may take (receiving, decoding, waiting, forward); then 408 or 504."""
+    keep_alive_timeout: int = 5
+    """Seconds an idle keep-alive connection stays open (uvicorn ``timeout_keep_alive``)."""
+    max_connections: int = 128
+    """Most concurrent connections and requests uvicorn accepts (``limit_concurrency``); more get 503."""
     max_batch: int = 32
     """Most requests one forward pass serves."""
     max_wait_ms: float = 5.0
@@ -49,43 +67,23 @@ class ServiceConfig:
     """Seconds between checks of the images folder for changes (checked on search requests)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_pixels", "max_batch", "max_k"):
+        ints = ("max_upload_bytes", "max_pixels", "max_decode_bytes", "decode_workers", "max_batch", "max_k")
+        for name in (*ints, "max_queue", "keep_alive_timeout", "max_connections"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ServiceConfig.{name}={getattr(self, name)!r} is invalid: allowed an integer >= 1")
         for name in ("max_wait_ms", "refresh_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServiceConfig.{name}={getattr(self, name)!r} is invalid: allowed a number >= 0")
+        if not self.request_timeout > 0:
+            raise ValueError(f"ServiceConfig.request_timeout={self.request_timeout!r} is invalid: allowed a number > 0")
+        if not self.max_aspect_ratio >= 1:
+            raise ValueError(
+                f"ServiceConfig.max_aspect_ratio={self.max_aspect_ratio!r} is invalid: allowed a number >= 1"
+            )
 
-
-def decode_image(data: bytes, *, max_pixels: int):
-    """Upload bytes -> RGB PIL image, or `UploadError` (400 empty, 413 too many pixels, 415 not an image)."""
-    from PIL import Image  # noqa: PLC0415
-
-    if not data:
-        raise UploadError(400, "empty upload: the file has zero bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise UploadError(
-                        413, f"image of {width} x {height} pixels exceeds the limit of {max_pixels} pixels"
-                    )
-                image.load()  # decode now: truncated or corrupt data fails here
-                return to_rgb(image)
-    except UploadError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UploadError(413, f"image too large to decode safely: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise UploadError(
-            415,
-            "not an image: the upload is in no image format this service reads; upload a PNG, "
-            "JPEG, WebP, BMP, GIF or TIFF file",
-        ) from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        raise UploadError(415, f"not a decodable image: {type(e).__name__}: {e} (truncated or corrupt file?)") from None
+    def uvicorn_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config``: the connection limit and keep-alive timeout."""
+        return {"limit_concurrency": self.max_connections, "timeout_keep_alive": self.keep_alive_timeout}
 
 
 def _supports_attention(backbone: torch.nn.Module) -> bool:
@@ -126,6 +124,10 @@ class FeatureService:
         self.backbone = model.backbone.eval()
         self.transform = EvalTransform(int(model.image_size), mean=tuple(model.mean), std=tuple(model.std))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fdino-model")
+        self.decoders = ThreadPoolExecutor(max_workers=self.config.decode_workers, thread_name_prefix="fdino-decode")
+        self.indexer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fdino-index")
+        self._refresh_lock = threading.Lock()  # one refresh at a time (startup, background, the app)
+        self._refreshing: Future | None = None
         self.queue = BatchQueue(
             self.forward, executor=self.executor, max_batch=self.config.max_batch, max_wait_ms=self.config.max_wait_ms
         )
@@ -154,9 +156,25 @@ class FeatureService:
         return self.backbone(batch.to(device)).float().cpu()
 
     def refresh(self) -> RefreshResult | None:
-        """Bring the index up to date (blocking; call before serving or from the model thread)."""
-        self._last_check = time.monotonic()
-        return self.index.refresh() if self.index is not None else None
+        """Bring the index up to date (blocking; any thread; waits for a refresh already running)."""
+        with self._refresh_lock:
+            self._last_check = time.monotonic()
+            return self.index.refresh() if self.index is not None else None
+
+    def refresh_in_background(self) -> Future | None:
+        """Start a refresh on the index thread unless one is running; the future of the running one."""
+        if self.index is None:
+            return None
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = self.indexer.submit(self._background_refresh)
+        return self._refreshing
+
+    def _background_refresh(self) -> RefreshResult | None:
+        try:
+            return self.refresh()
+        except Exception:  # a failed refresh keeps the previous index; it is retried when next due
+            log.exception("refreshing the index of %s failed; searches use the previous index", self.index.root)
+            return None
 
     def attention_png(self, x: torch.Tensor) -> bytes:
         """PNG: the preprocessed query (left) and the CLS attention of the last block, averaged over
@@ -184,12 +202,27 @@ class FeatureService:
     async def _on_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    def decode(self, data: bytes):
+        """Upload bytes -> upright RGB PIL image within the configured limits (or `UploadError`)."""
+        c = self.config
+        return decode_image(
+            data,
+            max_pixels=c.max_pixels,
+            max_aspect_ratio=c.max_aspect_ratio,
+            max_decode_bytes=c.max_decode_bytes,
+            resize_size=self.transform.resize_size,
+        )
+
     def preprocess(self, data: bytes) -> torch.Tensor:
-        return self.transform(decode_image(data, max_pixels=self.config.max_pixels))
+        """Upload bytes -> model input ``[3, S, S]`` (runs on a decode thread)."""
+        return self.transform(self.decode(data))
+
+    async def _preprocess(self, data: bytes) -> torch.Tensor:
+        return await asyncio.get_running_loop().run_in_executor(self.decoders, self.preprocess, data)
 
     async def embed(self, data: bytes) -> torch.Tensor:
         """Upload bytes -> feature ``[D]`` (batched with concurrent requests)."""
-        x = await asyncio.to_thread(self.preprocess, data)  # decoding off the event loop
+        x = await self._preprocess(data)  # on the bounded decode pool, off the event loop
         return await self.queue.submit(x)
 
     async def search(self, data: bytes, k: int) -> list[dict[str, Any]]:
@@ -199,14 +232,11 @@ class FeatureService:
         if not 1 <= k <= self.config.max_k:
             raise UploadError(422, f"k={k} is invalid: allowed 1 to {self.config.max_k}")
         feature = await self.embed(data)
-        now = time.monotonic()
-        if now - self._last_check >= self.config.refresh_interval:
-            self._last_check = now  # before awaiting: concurrent requests do not queue more scans
-            await self._on_model_thread(self.index.refresh)
+        if time.monotonic() - self._last_check >= self.config.refresh_interval:
+            self._last_check = time.monotonic()  # now: concurrent requests do not start more scans
+            self.refresh_in_background()  # not awaited: this search answers from the current index
         hits = await self._on_model_thread(self.index.search, feature, k)
-        from urllib.parse import quote  # noqa: PLC0415
-
-        return [{"path": f.path, "score": round(score, 6), "url": "/images/" + quote(f.path)} for f, score in hits]
+        return [{"path": display_name(f.path), "score": round(score, 6), "url": image_url(f.path)} for f, score in hits]
 
     async def attention(self, data: bytes) -> bytes:
         if not self.has_attention:
@@ -215,7 +245,7 @@ class FeatureService:
                 f"attention maps need a timm ViT with a CLS token and plain attention; this model "
                 f"is {type(self.backbone).__name__}",
             )
-        x = await asyncio.to_thread(self.preprocess, data)
+        x = await self._preprocess(data)
         return await self._on_model_thread(self.attention_png, x)
 
     def health(self) -> dict[str, Any]:
@@ -227,6 +257,8 @@ class FeatureService:
             "attention": self.has_attention,
             "images": len(self.index) if self.index is not None else 0,
             "skipped_images": len(self.index.skipped) if self.index is not None else 0,
+            "outside_links": len(self.index.outside) if self.index is not None else 0,
+            "refreshing": self._refreshing is not None and not self._refreshing.done(),
             "max_upload_bytes": self.config.max_upload_bytes,
             "max_k": self.config.max_k,
             **self.queue.stats(),
@@ -236,7 +268,8 @@ class FeatureService:
         await self.queue.aclose()
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for pool in (self.executor, self.decoders, self.indexer):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 __all__ = ["FeatureService", "ServiceConfig", "UploadError", "decode_image"]
