@@ -10,6 +10,7 @@ becomes white) and drops alpha without compositing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -86,10 +87,9 @@ def apply_exif_orientation(image: Image.Image) -> Image.Image:
     """``image``, loaded, turned upright in place by its EXIF orientation (2-8; `PIL.ImageOps.exif_transpose`).
 
     The rotation copies the decoded pixels once and releases the original; without a tag nothing is copied."""
-    try:
+    # A malformed EXIF block leaves the image as stored: orientation is a nicety, not a reason to drop a file.
+    with contextlib.suppress(OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):
         ImageOps.exif_transpose(image, in_place=True)
-    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):  # malformed EXIF: as stored
-        pass
     return image
 
 
