@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from fdino import presets, train
 from fdino.batched.measure import measure
 from fdino.batched.train import common_checkpoint_step, train_batched
 from fdino.data import build_dataset
+from fdino.run_folder import RunFolderBusy, RunLock
 from fdino.sweep import SweepSpec, Variant, run_folder, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,6 +94,13 @@ def test_configs_that_cannot_batch_are_refused(images, tmp_path):
         train_batched([CFGS[0], CFGS[0].replace(out_dim=32)], options(images), [tmp_path / "a", tmp_path / "b"])
     with pytest.raises(ValueError, match="one run folder per variant"):
         train_batched(CFGS, options(images), [tmp_path / "a"])
+
+
+def test_a_folder_in_use_stops_the_batched_run_before_anything_is_written(images, tmp_path):
+    dirs = [tmp_path / name for name in ("a", "b", "c")]
+    with RunLock(dirs[1]), pytest.raises(RunFolderBusy, match=f"pid {os.getpid()}"):
+        train_batched(CFGS, options(images), dirs)
+    assert not any(ckpt.list_checkpoints(d) or (d / "run.json").exists() for d in dirs)
 
 
 def test_the_measured_choice_reports_both_ways(images):

@@ -17,6 +17,7 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..config import DinoConfig
 from ..data import build_dataset, multicrop_loader
 from ..diagnostics import collapse_report
 from ..loop_state import LoopState, StepTimer
+from ..run_folder import RunLock
 from ..run_log import MetricsLog, finish_report
 from ..state import default_device, init_state
 from ..trackers import check_available, make_trackers
@@ -71,10 +73,20 @@ def train_batched(
 
     ``opts.run_dir`` is ignored: variant i writes ``run_dirs[i]``. Without ``resume`` (or when the
     folders hold no common checkpoint) every variant starts fresh and replaces what its folder held.
-    Returns each variant's summary.
+    Returns each variant's summary. Each folder is locked for the whole run (`fdino.run_folder.RunLock`):
+    a second sweep, or an `fdino train`, writing one of them stops with a message naming this process.
     """
     run_dirs = [Path(d) for d in run_dirs]
     _check_group(cfgs, run_dirs)
+    with ExitStack() as locks:
+        for run_dir in run_dirs:
+            locks.enter_context(RunLock(run_dir))
+        return _train_locked(cfgs, opts, run_dirs, resume=resume)
+
+
+def _train_locked(
+    cfgs: Sequence[DinoConfig], opts: TrainOptions, run_dirs: list[Path], *, resume: bool
+) -> list[dict[str, Any]]:
     device = torch.device(resolve_device(opts.device, default_device()))
     if opts.deterministic:
         torch.use_deterministic_algorithms(True)

@@ -62,14 +62,16 @@ def _spec_from_args(args: argparse.Namespace):
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
+    from ..checkpoint import CheckpointWriteError  # noqa: PLC0415
+    from ..run_folder import RunFolderBusy  # noqa: PLC0415
     from .runner import run_sweep  # noqa: PLC0415
 
     try:
         spec = _spec_from_args(args)
         out = args.out or Path("runs") / f"sweep-{spec.name}"
         run_sweep(spec, out, overwrite=args.overwrite, batched=args.batched)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, RunFolderBusy, CheckpointWriteError) as err:
+        print(f"fdino sweep: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
     print((out / "results.md").read_text())
