@@ -78,8 +78,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("DinoConfig overrides (applied on top of the preset)")
     defaults = DinoConfig()
     for f in config_fields():
-        if f.name == "steps_per_epoch":
-            continue  # derived from the data set size
+        if f.name in ("steps_per_epoch", "schedule_steps"):
+            continue  # derived from the data set size; set by --budget
         kind = field_type(DinoConfig, f)
         default = getattr(defaults, f.name)
         shown = (

@@ -18,7 +18,7 @@ from typing import Any
 from . import checks
 from .loss_inputs import LOSS_IMPLS
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 # Ablation switches of the paper's collapse study (sec. 5.3, Fig. 7) and teacher study (sec. 5.2, Table 6).
 CENTERINGS = ("ema", "none")
 TEACHER_UPDATES = ("ema", "student_copy", "previous_epoch", "frozen")
@@ -98,6 +98,8 @@ class DinoConfig:
     """Length of the run; the cosine schedules end here."""
     steps_per_epoch: int = 1000
     """Optimizer steps per epoch (data set size // batch_size); converts epochs to steps."""
+    schedule_steps: int = 0
+    """The run's length in steps (0: epochs x steps_per_epoch); every epoch length of the schedule scales with it."""
     batch_size: int = 1024
     """Images per optimizer step summed over devices and micro-batches (scales the lr)."""
     grad_accum_steps: int = 1
@@ -131,7 +133,7 @@ class DinoConfig:
 
     # --- execution -------------------------------------------------------------------------------
     precision: str = "fp32"
-    """'fp32', or 'bf16' autocast for the forwards (teacher logits, center, loss stay fp32)."""
+    """'fp32'; 'bf16' autocast for the forwards (teacher logits, center, loss stay fp32); 'auto': bf16 where fast."""
     grad_checkpointing: bool = False
     """Recompute backbone blocks in the backward pass to save activation memory."""
     seed: int = 0
@@ -149,7 +151,15 @@ class DinoConfig:
     @property
     def total_steps(self) -> int:
         """Optimizer steps in the whole run."""
-        return self.epochs * self.steps_per_epoch
+        return self.schedule_steps or self.epochs * self.steps_per_epoch
+
+    @property
+    def schedule_epoch_steps(self) -> float:
+        """Steps per epoch of the schedule: ``steps_per_epoch``, scaled by ``schedule_steps`` when that is set,
+        so warm-ups and the last-layer freeze keep their share of a run fitted to a budget (`fdino.budget`)."""
+        if not self.schedule_steps:
+            return float(self.steps_per_epoch)
+        return self.schedule_steps / self.epochs
 
     @property
     def n_crops(self) -> int:
@@ -249,6 +259,7 @@ def _validate(cfg: DinoConfig) -> None:
     _check_range(cfg, "center_momentum", 0.0, 1.0)
     _check_int(cfg, "epochs", 1)
     _check_int(cfg, "steps_per_epoch", 1)
+    _check_int(cfg, "schedule_steps", 0)
     _check_int(cfg, "batch_size", 1)
     _check_int(cfg, "grad_accum_steps", 1)
     if cfg.batch_size % cfg.grad_accum_steps:

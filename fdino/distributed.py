@@ -124,11 +124,17 @@ def broadcast_state_(state: TrainState, src: int = 0, group=None, bucket_bytes: 
 def rank0_decides(flag: bool, info: DistInfo) -> bool:
     """Rank 0's ``flag`` on every rank (one broadcast), so that all ranks stop at the same step: each rank's
     own clock would stop some ranks a step earlier and leave the others waiting in a collective."""
+    return bool(rank0_value(int(flag), info))
+
+
+def rank0_value(value: int, info: DistInfo) -> int:
+    """Rank 0's ``value`` on every rank (one broadcast): decisions from one rank's clock, such as a budget's
+    schedule length, must be the same everywhere."""
     if not info.enabled:
-        return flag
-    decision = torch.tensor([int(flag) if info.is_main else 0], device=info.device)
+        return value
+    decision = torch.tensor([int(value) if info.is_main else 0], dtype=torch.int64, device=info.device)
     dist.broadcast(decision, src=0)
-    return bool(decision.item())
+    return int(decision.item())
 
 
 def shutdown() -> None:

@@ -214,6 +214,14 @@ def format_summary(summary: dict[str, Any], skipped: dict[str, str]) -> str:
             f"teacher {summary['knn_top1_teacher']:.2f}% | "
             f"same network at init {summary['knn_top1_init']:.2f}% | raw pixels {summary['knn_top1_raw_pixels']:.2f}%"
         )
+    if summary.get("budget"):
+        b = summary["budget"]
+        lines.append(
+            f"  budget {b['budget']}: {b['job_wall_s']} s in this process, {100 * b['schedule_completed']:.0f}% of the "
+            f"{b['schedule_steps']}-step schedule done"
+        )
+    if summary.get("precision"):
+        lines.append(f"  precision: {summary['precision']}")
     lines.append(f"  skipped files: {summary['skipped_files']}")
     for path, reason in list(skipped.items())[:5]:
         lines.append(f"    {path}: {reason}")

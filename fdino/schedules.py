@@ -5,7 +5,9 @@ Each takes the config and the step as a 0-d integer tensor and returns a 0-d ten
 the step's device, so a compiled training step sees the same graph at every step (no new Python
 float ever reaches it). Python ints are accepted too, for plotting and tests.
 
-Closed forms (s = step, T = total steps, W = warm-up steps; all per optimizer step):
+Closed forms (s = step, T = total steps, W = warm-up steps; all per optimizer step). Lengths given in
+epochs count ``cfg.schedule_epoch_steps`` steps per epoch: the data epoch's steps, or a budget's share
+(``schedule_steps / epochs``) when `fdino.budget` fitted the run to a time.
 - learning rate: ``peak * s / W`` for ``s < W``, then cosine
   ``min + (peak - min) * (1 + cos(pi * (s - W) / (T - W))) / 2``
   where ``peak = lr * batch_size / 256`` (the paper's linear scaling rule).
@@ -41,7 +43,7 @@ def _cosine(start: float, end: float, progress: torch.Tensor) -> torch.Tensor:
 
 
 def warmup_steps(cfg: DinoConfig) -> int:
-    return int(round(cfg.warmup_epochs * cfg.steps_per_epoch))
+    return int(round(cfg.warmup_epochs * cfg.schedule_epoch_steps))
 
 
 def learning_rate(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
@@ -88,7 +90,7 @@ def teacher_momentum(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
 def teacher_temperature(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
     """Linear warm-up of tau_t, then constant."""
     s = _as_step(step)
-    warm = cfg.warmup_teacher_temp_epochs * cfg.steps_per_epoch
+    warm = cfg.warmup_teacher_temp_epochs * cfg.schedule_epoch_steps
     if warm <= 0:
         return (torch.zeros_like(s) + cfg.teacher_temp).float()  # + also takes a tensor (fdino.batched)
     ramp = cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * (s / warm).clamp(max=1.0)
@@ -96,7 +98,7 @@ def teacher_temperature(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tens
 
 
 def freeze_last_layer_steps(cfg: DinoConfig) -> int:
-    return int(round(cfg.freeze_last_layer * cfg.steps_per_epoch))
+    return int(round(cfg.freeze_last_layer * cfg.schedule_epoch_steps))
 
 
 def last_layer_frozen(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:

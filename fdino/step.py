@@ -3,7 +3,8 @@
     train_step(state, batch) -> (state, metrics)
 
 ``batch`` is a sequence of V crop tensors ``[B, C, H, W]``, the G global crops first. One step:
-1. schedules at ``state.step`` (0-d tensors: lr, weight decay, momentum, teacher temperature);
+1. schedules at ``state.step`` (0-d tensors: lr, weight decay, momentum, teacher temperature, whether
+   the last layer is frozen), evaluated outside the compiled graph and passed in as tensors;
 2. teacher forward on the global crops (no gradient), student forward on all crops, both through
    `torch.func.functional_call` on stateless templates; crops of one resolution share a call;
 3. loss and gradients with `torch.func.grad_and_value` (the loss returns the batch center too);
@@ -41,6 +42,7 @@ from .ema import ema_update_
 from .loss import dino_loss, update_center_
 from .models import is_last_layer, is_regularized, network_template
 from .optim import adamw_, adamw_frozen_aware_, clip_grads_per_param_
+from .precision import resolve_precision
 from .state import TrainState
 
 Tree = dict[str, torch.Tensor]
@@ -49,9 +51,46 @@ Reducer = Callable[[list[torch.Tensor]], None]
 
 
 def _autocast(cfg: DinoConfig, device: torch.device):
-    if cfg.precision == "bf16":
+    if resolve_precision(cfg.precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# Config fields only the schedules read. The step evaluates the schedules outside the compiled graph and
+# passes their values in as tensors, and builds the graph for `graph_config(cfg)` (these fields at their
+# defaults), so a run whose schedule changes (a --budget's fitted length, a resume with a new lr) reuses
+# the compiled graph instead of compiling for minutes again.
+SCHEDULE_FIELDS = (
+    "epochs",
+    "steps_per_epoch",
+    "schedule_steps",
+    "lr",
+    "min_lr",
+    "warmup_epochs",
+    "weight_decay",
+    "weight_decay_end",
+    "teacher_momentum",
+    "teacher_momentum_end",
+    "teacher_update",
+    "warmup_teacher_temp",
+    "teacher_temp",
+    "warmup_teacher_temp_epochs",
+)
+_DEFAULTS = DinoConfig()
+
+
+def graph_config(cfg: DinoConfig) -> DinoConfig:
+    """``cfg`` as the compiled graph sees it: schedule-only fields at their defaults."""
+    fields = {name: getattr(_DEFAULTS, name) for name in SCHEDULE_FIELDS}
+    # Whether the last layer can be frozen is structure (its own optimizer group); for how long is schedule.
+    fields["freeze_last_layer"] = _DEFAULTS.freeze_last_layer if cfg.freeze_last_layer > 0 else 0.0
+    return cfg.replace(**fields)
+
+
+def step_schedules(cfg: DinoConfig, step: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every scheduled value at ``step`` as 0-d tensors on its device: `schedules.all_schedules` plus
+    ``last_layer_frozen``. A handful of scalar ops per step, no host read."""
+    return {**schedules.all_schedules(cfg, step), "last_layer_frozen": schedules.last_layer_frozen(cfg, step)}
 
 
 class Networks(NamedTuple):
@@ -168,8 +207,7 @@ def apply_update(
         )
         regularized = [is_regularized(k, state.student[k]) for k in group]
         if frozen_group:
-            frozen = schedules.last_layer_frozen(cfg, state.step).to(state.center.device)
-            adamw_frozen_aware_(*args, frozen=frozen, regularized=regularized, **common)
+            adamw_frozen_aware_(*args, frozen=sched["last_layer_frozen"], regularized=regularized, **common)
         else:
             adamw_(*args, regularized=regularized, **common)
     # Every teacher_update mode is this EMA with its own momentum schedule (0 copies, 1 keeps).
@@ -181,13 +219,16 @@ def apply_update(
 
 
 def _full_step(
-    cfg: DinoConfig, nets: Networks, state: TrainState, crops: Sequence[torch.Tensor]
+    cfg: DinoConfig,
+    nets: Networks,
+    state: TrainState,
+    crops: Sequence[torch.Tensor],
+    sched: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """One optimizer step on one batch without accumulation or collectives (one compiled graph)."""
-    sched = schedules.all_schedules(cfg, state.step)
     grads, out = micro_grads(cfg, nets, state, crops, loss_center(cfg, state), sched["teacher_temp"])
     metrics = apply_update(cfg, state, grads, out.pop("batch_center"), sched)
-    return {**sched, **out, **metrics}
+    return {**out, **metrics}
 
 
 def _accumulated_step(
@@ -195,6 +236,7 @@ def _accumulated_step(
     nets: Networks,
     state: TrainState,
     crops: Sequence[torch.Tensor],
+    sched: dict[str, torch.Tensor],
     grad_fn,
     update_fn,
     reducer: Reducer | None,
@@ -204,7 +246,6 @@ def _accumulated_step(
     across workers, then one update. Center and teacher are fixed during accumulation."""
     n_micro = cfg.grad_accum_steps
     chunks = [torch.chunk(c, n_micro) for c in crops]
-    sched = schedules.all_schedules(cfg, state.step)
     center = loss_center(cfg, state)
     total: Tree | None = None
     outs: list[dict[str, torch.Tensor]] = []
@@ -220,7 +261,7 @@ def _accumulated_step(
         # One collective pass over gradients and statistics: every worker averages the same tensors.
         reducer(list(total.values()) + [out["batch_center"]] + [out[k] for k in out if k != "batch_center"])
     metrics = update_fn(cfg, state, total, out.pop("batch_center"), sched)
-    return {**sched, **out, **metrics}
+    return {**out, **metrics}
 
 
 def check_batch(cfg: DinoConfig, state: TrainState, batch: Sequence[torch.Tensor], world_size: int = 1) -> None:
@@ -301,18 +342,20 @@ def _compiled(cfg: DinoConfig, kind: str):
 
 
 def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, world_size: int):
-    cfg = state.cfg
-    check_batch(cfg, state, batch, world_size)
+    check_batch(state.cfg, state, batch, world_size)
+    sched = step_schedules(state.cfg, state.step)
+    cfg = graph_config(state.cfg)
     crops, nets = list(batch), networks(cfg)
     with step_rng(state.rng, state.device):
         if cfg.grad_accum_steps == 1 and reducer is None:
             full = _compiled(cfg, "full") if compiled else _full_step
-            metrics = full(cfg, nets, state, crops)
+            metrics = full(cfg, nets, state, crops, sched)
         else:
             grad_fn = _compiled(cfg, "grads") if compiled else micro_grads
             update_fn = _compiled(cfg, "update") if compiled else apply_update
-            metrics = _accumulated_step(cfg, nets, state, crops, grad_fn, update_fn, reducer)
-    return state, metrics
+            metrics = _accumulated_step(cfg, nets, state, crops, sched, grad_fn, update_fn, reducer)
+    sched.pop("last_layer_frozen")
+    return state, {**sched, **metrics}
 
 
 def train_step(

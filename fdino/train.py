@@ -27,16 +27,19 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import run_folder as rf
+from .budget import parse_budget
 from .checks import check_int
 from .config import DinoConfig
 from .data import build_dataset, multicrop_loader
 from .diagnostics import collapse_report
 from .distributed import DistInfo, broadcast_state_, init_from_env, mean_reducer, rank0_decides, shutdown
 from .loop_state import LoopState, StepTimer
+from .precision import precision_note, resolve_precision
 from .run_log import MetricsLog, finish_report, remove_snapshots
 from .state import init_state
 from .step import train_step, train_step_eager
 from .trackers import check_available, make_trackers
+from .train_budget import fit_to_budget
 from .train_eval import EvalSets, evaluate_and_snapshot, save_attention
 from .train_guard import (  # noqa: F401 (NonFiniteLossError, params_finite: API)
     NonFiniteLossError,
@@ -133,6 +136,7 @@ def _train_process(
     overwrite: bool,
     change: tuple[dict[str, Any], int] | None,
 ) -> dict[str, Any]:
+    job_started = time.perf_counter()  # a --budget counts from here
     device = torch.device(resolve_device(opts.device, info.device))
     if device.type == "cuda" and info.enabled:
         device = info.device
@@ -158,9 +162,15 @@ def _train_process(
 
     # --- state ---------------------------------------------------------------------------------------
     new_run = meta is None
+    budget = parse_budget(opts.budget) if new_run else None  # a resume keeps the length it was fitted to
     if new_run:
+        # run.json records what ran: the precision 'auto' chose here, a step budget's length.
+        precision = precision_note(cfg.precision, device)
+        cfg = cfg.replace(precision=resolve_precision(cfg.precision, device))
+        if budget is not None and budget.steps is not None:
+            cfg = cfg.replace(schedule_steps=budget.steps)
         state, loop = init_state(cfg, device=device), LoopState(steps_per_epoch=steps_per_epoch)
-        meta = {"config": cfg.to_dict(), "options": opts.to_dict()}
+        meta = {"config": cfg.to_dict(), "options": opts.to_dict(), "precision": precision}
     else:
         state, saved_loop, resume_from = ckpt.load_newest_valid(run_dir, device=device)
         if state.cfg != rf.config_at(meta, int(state.step)).replace(steps_per_epoch=steps_per_epoch):
@@ -192,9 +202,31 @@ def _train_process(
 
     # --- evaluation at initialization ----------------------------------------------------------------
     init_snapshot = None  # its files are written now, its tracker records once the trackers exist
+    eval_s = 0.0
     if knn_on and loop.knn_init is None:
+        eval_started = time.perf_counter()
         knn_init, init_snapshot = evaluate_and_snapshot(run_dir, evals, state, 0, opts)
+        eval_s = time.perf_counter() - eval_started
         loop = dataclasses.replace(loop, knn_init=knn_init, knn_raw_pixels=evals.raw_pixel_knn()).with_knn(0, knn_init)
+
+    # --- a time budget: measure, then fix the schedule's length before the first real step -------------
+    fit, deadline = None, None
+    if budget is not None and budget.seconds is not None:
+        fit = fit_to_budget(
+            budget, job_started=job_started, eval_s=eval_s, step_fn=step_fn, state=state, loader=loader,
+            device=device, reducer=reducer, info=info, opts=opts,
+        )  # fmt: skip
+        cfg = cfg.replace(schedule_steps=fit.schedule_steps)
+        state = state.replace(cfg=cfg)
+        meta = {**meta, "config": cfg.to_dict(), "budget": fit.to_dict()}
+        if info.is_main:
+            rf.write_run_meta(run_dir, meta)
+            print(
+                f"fdino train: budget {fit.budget}: {fit.schedule_steps} steps fit (step {fit.costs.step_s:.3f} s, "
+                f"set-up and compilation {fit.costs.spent_s:.0f} s; predicted {fit.predicted_s:.0f} s)"
+            )
+        # A hard stop if the machine slows down after the fit: leave time for the final evaluation and checkpoint.
+        deadline = job_started + fit.budget_s - fit.costs.eval_s - fit.costs.checkpoint_s
 
     run_params = {"config": cfg.to_dict(), "options": opts.to_dict()}
     trackers = make_trackers(opts.tracker_names, run_dir, run_params, loop.step) if info.is_main else []
@@ -227,7 +259,10 @@ def _train_process(
                 log.snapshot(snapshot)
                 log.scalar("knn/top1", loop.knn_history[-1].top1, step)
                 bar.write(f"step {step}: teacher {opts.knn_k}-NN top-1 {loop.knn_history[-1].top1:.2f}%")
-            out_of_time = opts.max_minutes > 0 and rank0_decides(timer.seconds() > 60 * opts.max_minutes, info)
+            late = (opts.max_minutes > 0 and timer.seconds() > 60 * opts.max_minutes) or (
+                deadline is not None and time.perf_counter() > deadline
+            )
+            out_of_time = (opts.max_minutes > 0 or deadline is not None) and rank0_decides(late, info)
             if step % opts.ckpt_every == 0 or step == total or out_of_time:
                 loop = dataclasses.replace(loop, elapsed=elapsed_before + timer.seconds())
                 if info.is_main:
@@ -263,6 +298,7 @@ def _train_process(
             attention=attention,
             skipped=loader.skipped,
             last_metrics=last_values,
+            extra=run_extras(cfg, opts, meta, loop, fit, job_started),
         )
         log.artifacts([run_dir / "curves.png", run_dir / "summary.json", *([attention] if attention else [])])
     except BaseException:
@@ -270,6 +306,20 @@ def _train_process(
         raise
     log.close()
     return summary
+
+
+def run_extras(cfg: DinoConfig, opts: TrainOptions, meta: dict, loop: LoopState, fit, job_started: float) -> dict:
+    """Summary keys of how this process ran: the precision, the budget and how much of the schedule it completed."""
+    extra: dict[str, Any] = {"precision": meta.get("precision", cfg.precision)}  # run.json says why, if 'auto
+    if opts.budget:
+        extra["budget"] = {
+            "budget": opts.budget,
+            "schedule_steps": cfg.total_steps,
+            "schedule_completed": round(loop.step / cfg.total_steps, 4),
+            "job_wall_s": round(time.perf_counter() - job_started, 1),
+            "fit": fit.to_dict() if fit is not None else None,  # None: a resume (fitted by the first process)
+        }
+    return extra
 
 
 def start_run_folder(run_dir: Path, meta: dict[str, Any], *, overwrite: bool) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .budget import parse_budget
 from .checks import check_int, check_real
 from .trackers import parse_trackers
 
@@ -48,6 +49,8 @@ class TrainOptions:
     """Stop after this many optimizer steps in total (0: the whole schedule)."""
     max_minutes: float = 0.0
     """Stop (with a checkpoint) once this much wall time has passed in this process (0: no limit)."""
+    budget: str = ""
+    """Fit the whole schedule into this: a time (20m, 2h, 90s) measured on this machine, or a number of steps."""
     dist_timeout_minutes: float = 30.0
     """Under torchrun: how long a collective waits for a worker that stopped answering before the job fails."""
     deterministic: bool = False
@@ -84,6 +87,7 @@ class TrainOptions:
         if self.device not in DEVICES:
             raise ValueError(f"TrainOptions.device={self.device!r} is invalid: choose one of {DEVICES}")
         parse_trackers(self.trackers)
+        parse_budget(self.budget)
 
     @property
     def tracker_names(self) -> tuple[str, ...]:

@@ -132,7 +132,8 @@ def _train_together(members, say) -> None:
 
 
 def _same_config(run_dir: Path, cfg) -> bool:
-    """The run folder was started with ``cfg`` (steps_per_epoch aside: the trainer fills it in)."""
+    """The run folder was started with ``cfg`` (steps_per_epoch aside: the trainer fills it in; precision
+    'auto' matches the precision the trainer chose for it)."""
     meta = run_dir / "run.json"
     if not meta.exists():
         return False
@@ -140,6 +141,8 @@ def _same_config(run_dir: Path, cfg) -> bool:
     saved.pop("steps_per_epoch", None)
     wanted = cfg.to_dict()
     wanted.pop("steps_per_epoch", None)
+    if wanted["precision"] == "auto":
+        saved["precision"] = "auto"
     return json.loads(json.dumps(wanted)) == saved
 
 
