@@ -7,8 +7,9 @@ momentum and the teacher-temperature warm-up all end inside it; every length the
 epochs keeps its share of the run (`DinoConfig.schedule_epoch_steps`).
 
 How the length is found (`fit_schedule_steps`): after the data, the state and the evaluation at
-initialization are ready, the job times the step on a throwaway copy of the state (the first call
-compiles; then `CALIBRATION_STEPS` steps with the real loader), one checkpoint write and one k-NN
+initialization are ready, the job times the step on a throwaway copy of the state (`UNTIMED_STEPS`
+first, the first of which compiles; then at least `CALIBRATION_STEPS` steps and `CALIBRATION_SHARE` of
+the budget, with the real loader), one checkpoint write and one k-NN
 evaluation, and solves for the number of steps whose cost, with the evaluations and checkpoints
 they bring, fits the time left after a safety margin. The copy leaves the run untouched: a run
 fitted to T steps is bitwise the run of ``--budget T`` (steps). The length is recorded in run.json
@@ -22,8 +23,13 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Steps timed after the compiling first call: enough for a steady mean, few against any real budget.
+# Steps run before the timing starts: the first compiles, and meanwhile the loader workers prefetch
+# batches that would make the loader look free in the first timed steps (the demo's first fit, timed from
+# step 1, predicted 0.086 s a step where the run took 0.099 s, and stopped at 87% of its schedule).
+UNTIMED_STEPS = 10
+# Then at least this many steps and this share of the budget are timed: a steadier mean for little.
 CALIBRATION_STEPS = 20
+CALIBRATION_SHARE = 0.02
 # Share of the time left kept free: the step time drifts (thermal, other processes, evaluation sizes).
 SAFETY_MARGIN = 0.05
 
@@ -124,7 +130,9 @@ def fit_schedule_steps(
 
 
 __all__ = [
+    "CALIBRATION_SHARE",
     "CALIBRATION_STEPS",
+    "UNTIMED_STEPS",
     "SAFETY_MARGIN",
     "Budget",
     "BudgetFit",

@@ -14,7 +14,16 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .budget import CALIBRATION_STEPS, Budget, BudgetFit, MeasuredCosts, fit_schedule_steps, predicted_seconds
+from .budget import (
+    CALIBRATION_SHARE,
+    CALIBRATION_STEPS,
+    UNTIMED_STEPS,
+    Budget,
+    BudgetFit,
+    MeasuredCosts,
+    fit_schedule_steps,
+    predicted_seconds,
+)
 from .distributed import DistInfo, rank0_value
 from .state import TrainState, clone_state
 from .train_options import TrainOptions
@@ -22,21 +31,41 @@ from .train_options import TrainOptions
 PROBE_DIR = ".budget-probe"
 
 
-def time_steps(step_fn, state: TrainState, loader, device, *, reducer, world_size: int, steps: int) -> float:
-    """Seconds per step (loader included) over ``steps`` steps after a first, compiling one, on a copy of ``state``."""
+def time_steps(
+    step_fn,
+    state: TrainState,
+    loader,
+    device,
+    *,
+    reducer,
+    info: DistInfo,
+    steps: int,
+    min_seconds: float = 0.0,
+    untimed: int = UNTIMED_STEPS,
+) -> float:
+    """Seconds per step, loader included, on a copy of ``state``: ``untimed`` steps first (compilation, and the
+    batches the loader workers prefetched meanwhile, which would make the loader look free), then at least
+    ``steps`` steps and ``min_seconds`` seconds timed. Every rank takes the same number of steps."""
     probe = clone_state(state)
     stream = loader.steps(0)
+
+    def step() -> torch.Tensor:
+        nonlocal probe
+        _, _, crops, _ = next(stream)
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        probe, metrics = step_fn(probe, crops, reducer=reducer, world_size=info.world_size)
+        return metrics["loss"]
+
     try:
-        started = 0.0
-        for i in range(steps + 1):
-            _, _, crops, _ = next(stream)
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            probe, metrics = step_fn(probe, crops, reducer=reducer, world_size=world_size)
-            if i == 0:
-                float(metrics["loss"])  # waits for the compiled first step: it is not a steady step
-                started = time.perf_counter()
-        float(metrics["loss"])
-        return (time.perf_counter() - started) / steps
+        for _ in range(untimed):
+            float(step())  # waits for each (the first compiles)
+        started, timed = time.perf_counter(), 0
+        # Rank 0's clock decides when to stop, so that every rank runs the same steps (collectives inside).
+        while timed < steps or not rank0_value(int(time.perf_counter() - started >= min_seconds), info):
+            loss = step()
+            timed += 1
+        float(loss)
+        return (time.perf_counter() - started) / timed
     finally:
         stream.close()  # stops the pass's loader workers
 
@@ -68,8 +97,9 @@ def fit_to_budget(
     """Measure and fit (rank 0 decides; every rank gets its length). ``job_started``: `time.perf_counter()`
     when the job began; ``eval_s``: the measured evaluation at initialization (0: none)."""
     step_s = time_steps(
-        step_fn, state, loader, device, reducer=reducer, world_size=info.world_size, steps=CALIBRATION_STEPS
-    )
+        step_fn, state, loader, device, reducer=reducer, info=info, steps=CALIBRATION_STEPS,
+        min_seconds=CALIBRATION_SHARE * budget.seconds,
+    )  # fmt: skip
     checkpoint_s = time_checkpoint(Path(opts.run_dir), state) if info.is_main else 0.0
     costs = MeasuredCosts(
         spent_s=time.perf_counter() - job_started, step_s=step_s, eval_s=eval_s, checkpoint_s=checkpoint_s

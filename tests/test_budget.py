@@ -19,6 +19,7 @@ from fdino import checkpoint as ckpt
 from fdino import cli, precision, schedules, train_budget
 from fdino import step as step_module
 from fdino.budget import MeasuredCosts, fit_schedule_steps, parse_budget, predicted_seconds
+from fdino.distributed import DistInfo
 from fdino.presets import preset
 from fdino.train_budget import time_steps
 from fdino.train_options import TrainOptions
@@ -109,7 +110,8 @@ def test_timing_the_step_leaves_the_state_and_the_loader_untouched(tmp_path):
     loader = fdino.data.multicrop_loader(cfg, data, num_workers=0)
     state = fdino.init_state(cfg)
     before = fdino.clone_state(state)
-    step_s = time_steps(fdino.train_step_eager, state, loader, "cpu", reducer=None, world_size=1, steps=3)
+    info = DistInfo()
+    step_s = time_steps(fdino.train_step_eager, state, loader, "cpu", reducer=None, info=info, steps=3, untimed=2)
     assert step_s > 0
     assert fdino.tree_allclose(state, before) and int(state.step) == 0 and state.rng.tolist() == before.rng.tolist()
 
