@@ -12,7 +12,8 @@
     max_steps = 500
 
 A ``run.json`` holds the same two tables as JSON objects (``"config"``, ``"options"``; no preset:
-its config is complete), so every run can be started again from its folder. Unknown keys and
+its config is complete), so every run can be started again from its folder; its record of the run
+(`RUN_RECORD_KEYS`) is skipped. Unknown keys and
 values of the wrong type are errors that name the file, the table and the allowed keys.
 """
 
@@ -30,6 +31,9 @@ from .config import DinoConfig
 from .train import TrainOptions
 
 TABLES = {"config": DinoConfig, "options": TrainOptions}
+# What a run.json records of its run, not settings: resume changes, the budget's fit, what precision 'auto'
+# chose. A run started from that file fits and chooses again.
+RUN_RECORD_KEYS = ("changes", "budget", "precision")
 # Fields holding (name, value) pairs: a TOML/JSON table {name = value} is read as those pairs.
 _PAIR_FIELDS = ("backbone_kwargs", "augment")
 
@@ -50,7 +54,7 @@ def config_file(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     data = read_settings(path)
-    unknown = sorted(set(data) - {"preset", *TABLES})
+    unknown = sorted(set(data) - {"preset", *TABLES, *RUN_RECORD_KEYS})
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown} at the top level; allowed: ['preset', 'config', 'options']")
     preset = data.get("preset")
