@@ -80,7 +80,8 @@ class ImageFolder(Dataset):
     """Map-style data set of ``(RGB PIL image, label)`` over `scan_image_folder`'s listing.
 
     ``__getitem__`` raises `fdino.data.images.BadImageError` for a file that cannot be decoded;
-    the loaders catch it, skip the file and count it.
+    the loaders catch it, skip the file and count it. Every access decodes the file again;
+    `fdino.data.decoded_cache.DecodedImageFolder` gives the same items from pixels decoded once.
     """
 
     def __init__(self, root: str | os.PathLike, classes: Sequence[str] | None = None) -> None:

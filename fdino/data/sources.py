@@ -3,7 +3,9 @@
 Names: "shapes10" (built in, the default), "cifar10", "cifar100", "stl10", "fashion-mnist"; any
 other string is a folder path (`fdino.data.folder`). Every source gives a `DataSource` whose
 ``dataset[i]`` is ``(image, label)`` with label -1 when unknown; images are uint8 ``[3, H, W]``
-tensors (in-memory sets) or RGB PIL images (folders).
+tensors (in-memory sets and cached folders) or RGB PIL images (folders decoded on each access).
+A folder used at a small image size is decoded once into a memory-mapped cache
+(`fdino.data.decoded_cache`: same items, same pixels, no decoding per epoch).
 
 Splits by *role*, so the training loop never needs to know a data set's split names:
   "train"  - what self-supervised training reads (STL-10: its train + 100k unlabeled images),
@@ -22,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .arrays import ArrayDataset
+from .decoded_cache import DecodeCacheOptions, decoded_folder
 from .folder import ImageFolder, scan_image_folder, split_subfolders
 from .idx import DEBIAN_FASHION_MNIST_DIR, find_idx_pair, idx_dataset
 from .shapes import shapes10
@@ -95,6 +98,7 @@ def build_dataset(
     seed: int = 0,
     image_size: int = 32,
     n: int | None = None,
+    decode_cache: DecodeCacheOptions | None = None,
 ) -> DataSource:
     """Resolve a data set by name or folder path and load one split.
 
@@ -104,11 +108,17 @@ def build_dataset(
             "fashion-mnist" also a folder with the four IDX files. Default `default_root()`.
         split: a role ("train", "memory", "query") or a data set's own split name.
         download: let torchvision fetch a missing data set (needs a network).
-        seed, image_size, n: shapes10 only: generator seed, side in pixels, number of images.
+        seed, n: shapes10 only: generator seed, number of images.
+        image_size: shapes10: the side in pixels; folders: the training image size, which decides
+            whether the decoded images are cached (see `DecodeCacheOptions`).
+        decode_cache: folders only: when and where decoded images are cached; default
+            `DecodeCacheOptions.from_env()` (FDINO_DECODE_CACHE, ..._DIR, ..._MAX_GB).
     """
     key = canonical_name(os.fspath(name_or_path))
     if key is None:
-        return _folder_source(os.fspath(name_or_path), split)
+        source = _folder_source(os.fspath(name_or_path), split)
+        dataset = decoded_folder(source.dataset, image_size=image_size, options=decode_cache)
+        return DataSource(dataset, source.classes, source.name, source.split)
     concrete = resolve_split(key, split)
     if key == "shapes10":
         ds = shapes10(concrete, n=n, size=image_size, seed=seed)
