@@ -22,6 +22,13 @@ if not torch.cuda.is_available():
 import pytest
 from hypothesis import HealthCheck, settings
 
+# Decoded-image caches of the tests' folders go to a scratch folder, not the user's ~/.cache/fdino
+# (subprocesses inherit it).
+if "FDINO_DECODE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FDINO_DECODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fdino-test-decoded-")
+
 settings.register_profile(
     "ci",
     max_examples=15,
