@@ -164,15 +164,32 @@ def create_network(cfg: DinoConfig, *, teacher: bool = False) -> DinoNetwork:
 
 
 @functools.lru_cache(maxsize=16)
-def network_template(cfg: DinoConfig, *, teacher: bool) -> DinoNetwork:
+def network_template(cfg: DinoConfig, *, teacher: bool, fused_attention: bool = True) -> DinoNetwork:
     """The stateless module (on ``meta``) that `functional_call` drives, cached per config.
 
     The student template has the configured stochastic depth; the teacher template has none and
-    computes its logits in fp32, as in the paper's reference code.
+    computes its logits in fp32, as in the paper's reference code. ``fused_attention=False`` makes
+    ViT blocks form the attention matrix explicitly (see `fused_attention_pays`); same math.
     """
     with torch.device("meta"):
         module = create_network(cfg, teacher=teacher)
+    if not fused_attention:
+        for sub in module.modules():
+            if hasattr(sub, "fused_attn"):  # timm's Attention: q @ k^T, softmax, @ v instead of SDPA
+                sub.fused_attn = False
     return module.train()
+
+
+def fused_attention_pays(device: torch.device, precision: str) -> bool:
+    """Whether ViT attention should call the fused `scaled_dot_product_attention` kernel.
+
+    Everywhere but bf16 on the CPU. There (torch 2.14, AVX512-BF16), the CPU flash-attention
+    kernel's bf16 backward is 2.5-4x slower than its fp32 one, while the explicit q @ k^T, softmax,
+    @ v runs its matrix products as bf16 GEMMs: 2x faster than fp32 flash attention at the
+    ViT-tiny crop shapes (measured: bench/results/cpu-speed.md). With few tokens per crop the
+    T x T matrix is small, so the memory the fused kernel saves does not matter.
+    """
+    return not (device.type == "cpu" and precision == "bf16")
 
 
 def split_params_and_buffers(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -40,7 +40,7 @@ from .config import DinoConfig
 from .diagnostics import teacher_diagnostics
 from .ema import ema_update_
 from .loss import dino_loss, update_center_
-from .models import is_last_layer, is_regularized, network_template
+from .models import fused_attention_pays, is_last_layer, is_regularized, network_template
 from .optim import adamw_, adamw_frozen_aware_, clip_grads_per_param_
 from .precision import resolve_precision
 from .state import TrainState
@@ -100,8 +100,13 @@ class Networks(NamedTuple):
     teacher: torch.nn.Module
 
 
-def networks(cfg: DinoConfig) -> Networks:
-    return Networks(network_template(cfg, teacher=False), network_template(cfg, teacher=True))
+def networks(cfg: DinoConfig, device: torch.device) -> Networks:
+    """The student and teacher templates for steps of ``cfg`` on ``device``."""
+    fused = fused_attention_pays(device, resolve_precision(cfg.precision, device))
+    return Networks(
+        network_template(cfg, teacher=False, fused_attention=fused),
+        network_template(cfg, teacher=True, fused_attention=fused),
+    )
 
 
 def teacher_logits(
@@ -345,7 +350,7 @@ def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, w
     check_batch(state.cfg, state, batch, world_size)
     sched = step_schedules(state.cfg, state.step)
     cfg = graph_config(state.cfg)
-    crops, nets = list(batch), networks(cfg)
+    crops, nets = list(batch), networks(cfg, state.device)
     with step_rng(state.rng, state.device):
         if cfg.grad_accum_steps == 1 and reducer is None:
             full = _compiled(cfg, "full") if compiled else _full_step

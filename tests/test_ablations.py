@@ -155,7 +155,7 @@ def test_previous_epoch_momentum_is_zero_exactly_at_the_epoch_ends():
 # --- centering ---------------------------------------------------------------------------------------
 def reference_loss(cfg: DinoConfig, state, batch, center: torch.Tensor) -> torch.Tensor:
     """The paper's loss on the logits the step will see, with the given center (drop_path is 0 in smoke)."""
-    nets = networks(cfg)
+    nets = networks(cfg, state.device)
     with torch.no_grad():
         t = teacher_logits(cfg, nets.teacher, state.teacher, state.teacher_buffers, batch[: cfg.n_global_crops])
         s = functional_call(nets.student, (state.student, state.student_buffers), (list(batch),))

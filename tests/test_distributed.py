@@ -97,7 +97,7 @@ def test_activation_checkpointing_leaves_gradients_unchanged():
         cfg = CFG.replace(grad_checkpointing=ckpt)
         state = fdino.init_state(cfg, device="cpu")
         t = schedules.teacher_temperature(cfg, state.step)
-        grads, out = micro_grads(cfg, networks(cfg), state, batches(1)[0], state.center, t)
+        grads, out = micro_grads(cfg, networks(cfg, state.device), state, batches(1)[0], state.center, t)
         results.append((grads, out["loss"]))
     (g0, l0), (g1, l1) = results
     assert torch.equal(l0, l1)

@@ -96,7 +96,7 @@ def test_bf16_autocast_keeps_teacher_logits_center_and_loss_fp32():
     assert float(m16["loss"]) == pytest.approx(float(m32["loss"]), rel=0.05)
     from fdino.step import networks, teacher_logits
 
-    logits = teacher_logits(cfg, networks(cfg).teacher, state.teacher, state.teacher_buffers, batch[:2])
+    logits = teacher_logits(cfg, networks(cfg, state.device).teacher, state.teacher, state.teacher_buffers, batch[:2])
     assert logits.dtype == torch.float32
 
 

@@ -80,7 +80,7 @@ def test_compiled_step_graph_reads_nothing_on_the_host():
     cfg = presets.smoke(batch_size=2)
     state = fdino.init_state(cfg, device="cpu")
     graph_cfg = graph_config(cfg)
-    nets = networks(graph_cfg)
+    nets = networks(graph_cfg, state.device)
 
     def step_and_schedules(state, crops):  # the schedules run outside the compiled step, but must not read either
         sched = step_schedules(cfg, state.step)
