@@ -222,6 +222,8 @@ def format_summary(summary: dict[str, Any], skipped: dict[str, str]) -> str:
         )
     if summary.get("precision"):
         lines.append(f"  precision: {summary['precision']}")
+    if summary.get("compile"):
+        lines.append(f"  {summary['compile']['note']} (inductor cache {summary['compile']['cache_dir']})")
     lines.append(f"  skipped files: {summary['skipped_files']}")
     for path, reason in list(skipped.items())[:5]:
         lines.append(f"    {path}: {reason}")

@@ -29,6 +29,7 @@ from . import checkpoint as ckpt
 from . import run_folder as rf
 from .budget import parse_budget
 from .checks import check_int
+from .compile_cache import compile_cache_stats, enable_compile_cache
 from .config import DinoConfig
 from .data import build_dataset, multicrop_loader
 from .diagnostics import collapse_report
@@ -137,6 +138,8 @@ def _train_process(
     change: tuple[dict[str, Any], int] | None,
 ) -> dict[str, Any]:
     job_started = time.perf_counter()  # a --budget counts from here
+    # Compiled graphs persist across runs (the ViT step takes minutes to build on a small CPU).
+    compile_cache = (enable_compile_cache(), compile_cache_stats()) if opts.compile else None
     device = torch.device(resolve_device(opts.device, info.device))
     if device.type == "cuda" and info.enabled:
         device = info.device
@@ -298,7 +301,7 @@ def _train_process(
             attention=attention,
             skipped=loader.skipped,
             last_metrics=last_values,
-            extra=run_extras(cfg, opts, meta, loop, fit, job_started),
+            extra=run_extras(cfg, opts, meta, loop, fit, job_started, compile_cache),
         )
         log.artifacts([run_dir / "curves.png", run_dir / "summary.json", *([attention] if attention else [])])
     except BaseException:
@@ -308,9 +311,21 @@ def _train_process(
     return summary
 
 
-def run_extras(cfg: DinoConfig, opts: TrainOptions, meta: dict, loop: LoopState, fit, job_started: float) -> dict:
-    """Summary keys of how this process ran: the precision, the budget and how much of the schedule it completed."""
+def run_extras(
+    cfg: DinoConfig, opts: TrainOptions, meta: dict, loop: LoopState, fit, job_started: float, compile_cache=None
+) -> dict:
+    """Summary keys of how this process ran: the precision, the compiled graphs (built or loaded from the
+    cache), the budget and how much of the schedule it completed."""
     extra: dict[str, Any] = {"precision": meta.get("precision", cfg.precision)}  # run.json says why, if 'auto
+    if compile_cache is not None:
+        cache_dir, before = compile_cache
+        graphs = compile_cache_stats().since(before)
+        extra["compile"] = {
+            "cache_dir": str(cache_dir),
+            "graphs_loaded": graphs.loaded,
+            "graphs_built": graphs.compiled,
+            "note": graphs.describe(),
+        }
     if opts.budget:
         extra["budget"] = {
             "budget": opts.budget,

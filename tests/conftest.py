@@ -28,6 +28,11 @@ if "FDINO_DECODE_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["FDINO_DECODE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fdino-test-decoded-")
+# Compiled graphs too (fdino.compile_cache): a fixed scratch folder, so reruns of the suite reuse them.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"fdino-test-inductor-{os.getuid()}")
 
 settings.register_profile(
     "ci",

@@ -20,6 +20,7 @@ from PIL import Image
 import fdino
 from fdino import cli
 from fdino.checkpoint import list_checkpoints, load_checkpoint
+from fdino.compile_cache import default_cache_dir
 from fdino.eval.render import cell_scale, grid_size
 
 # Fast, eager, deterministic, no eval noise: what the process-level tests share.
@@ -102,6 +103,10 @@ def test_cli_train_compiled_end_to_end(tmp_path):
         assert drawn > 10, f"attention row {row} shows only the image"
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["config"]["steps_per_epoch"] == 6 and meta["options"]["compile"] is True
+    # The compiled graphs came from (or went to) the persistent inductor cache; the summary says which.
+    graphs = summary["compile"]
+    assert Path(graphs["cache_dir"]) == default_cache_dir().resolve()
+    assert graphs["note"].startswith(f"compiled graphs: {graphs['graphs_loaded']} loaded from the cache, ")
 
 
 def test_sigkill_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
