@@ -252,3 +252,16 @@ def test_options_from_the_environment(env, expected):
 def test_bad_environment_values_are_named(env, match):
     with pytest.raises(ValueError, match=match):
         DecodeCacheOptions.from_env(env)
+
+
+def test_eval_commands_cache_a_folder_only_when_their_model_sees_small_images(folder):
+    # fdino knn/linear/viz load the data at the model's image size: a 224 px model's folder is not cached.
+    import argparse
+    from types import SimpleNamespace
+
+    from fdino.eval.cli import _split
+
+    args = argparse.Namespace(data=str(folder), data_root=None, download=False, img_size=None)
+    assert isinstance(_split(args, "memory", SimpleNamespace(image_size=32)).dataset, DecodedImageFolder)
+    assert not isinstance(_split(args, "memory", SimpleNamespace(image_size=224)).dataset, DecodedImageFolder)
+    assert isinstance(_split(args, "memory").dataset, DecodedImageFolder)  # no model: raw pixels at 32

@@ -34,6 +34,7 @@ from .augment import (
     sample_views,
     small_image_multicrop,
 )
+from .decoded_cache import DecodeCacheOptions, DecodeCacheTooLargeError, DecodedImageFolder
 from .folder import ImageFolder, scan_image_folder
 from .idx import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, idx_dataset, parse_idx, read_idx
 from .images import IMAGE_EXTENSIONS, BadImageError, load_rgb, to_rgb
@@ -94,6 +95,9 @@ __all__ = [
     "ROLES",
     "resolve_split",
     "default_root",
+    "DecodeCacheOptions",
+    "DecodeCacheTooLargeError",
+    "DecodedImageFolder",
     "ArrayDataset",
     "ImageFolder",
     "scan_image_folder",

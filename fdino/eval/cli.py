@@ -77,10 +77,15 @@ def _load_model(args: argparse.Namespace):
     return model_from_args(args, device=args.device)
 
 
-def _split(args: argparse.Namespace, role: str):
+def _split(args: argparse.Namespace, role: str, model=None):
     from ..data import build_dataset  # noqa: PLC0415
+    from ..data.sources import canonical_name  # noqa: PLC0415
 
-    return build_dataset(args.data, root=args.data_root, split=role, download=args.download)
+    if canonical_name(str(args.data)) is not None:  # a named set: generated/stored at its own size
+        return build_dataset(args.data, root=args.data_root, split=role, download=args.download)
+    # A folder: the size the model sees decides whether its decoded images are cached (small ones only).
+    size = model.image_size if model is not None else (getattr(args, "img_size", None) or 32)
+    return build_dataset(args.data, root=args.data_root, split=role, download=args.download, image_size=size)
 
 
 def _features(args, model, source):
@@ -128,10 +133,10 @@ def run_knn(args: argparse.Namespace) -> int:
 
     if args.model is None and not args.raw_pixels:
         raise ValueError("give a model, or --raw-pixels for the pixel baseline alone")
-    memory, query = _split(args, "memory"), _split(args, "query")
+    model = _load_model(args) if args.model is not None else None
+    memory, query = _split(args, "memory", model), _split(args, "query", model)
     report: dict = {"data": args.data, "memory": len(memory), "query": len(query), "temperature": args.temperature}
-    if args.model is not None:
-        model = _load_model(args)
+    if model is not None:
         bank, bank_y = _features(args, model, memory)
         queries, query_y = _features(args, model, query)
         report["features"] = knn_classify(
@@ -175,7 +180,7 @@ def run_linear(args: argparse.Namespace) -> int:
     from .linear import linear_eval_images, linear_probe  # noqa: PLC0415
 
     model = _load_model(args)
-    memory, query = _split(args, "memory"), _split(args, "query")
+    memory, query = _split(args, "memory", model), _split(args, "query", model)
     results = {}
     if args.mode == "fast":
         train, train_y = _features(args, model, memory)
@@ -234,7 +239,7 @@ def _images_from_args(args, model) -> tuple[torch.Tensor, list[str]]:
     transform = EvalTransform(model.image_size, mean=model.mean, std=model.std)
     if args.images:
         return torch.stack([transform(load_rgb(p)) for p in args.images]), [Path(p).stem for p in args.images]
-    source = _split(args, args.split)
+    source = _split(args, args.split, model)
     n = min(args.n, len(source))
     return torch.stack([transform(source.dataset[i][0]) for i in range(n)]), [f"{args.split}-{i}" for i in range(n)]
 
@@ -330,7 +335,7 @@ def run_viz(args: argparse.Namespace) -> int:
     from .viz import pca, save_patch_pca, save_scatter, subsample  # noqa: PLC0415
 
     model = _load_model(args)
-    source = _split(args, args.split)
+    source = _split(args, args.split, model)
     feats, labels = _features(args, model, source)
     keep = subsample(len(feats), args.max_points, seed=args.seed)
     feats, labels = feats[keep], labels[keep]
