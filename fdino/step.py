@@ -100,13 +100,13 @@ class Networks(NamedTuple):
     teacher: torch.nn.Module
 
 
-def networks(cfg: DinoConfig, device: torch.device) -> Networks:
-    """The student and teacher templates for steps of ``cfg`` on ``device``."""
-    fused = fused_attention_pays(device, resolve_precision(cfg.precision, device))
-    return Networks(
-        network_template(cfg, teacher=False, fused_attention=fused),
-        network_template(cfg, teacher=True, fused_attention=fused),
-    )
+def networks(cfg: DinoConfig, device: torch.device, *, vmapped: bool = False) -> Networks:
+    """The student and teacher templates for steps of ``cfg`` on ``device`` (``vmapped``: the batched step)."""
+    layout = {
+        "fused_attention": fused_attention_pays(device, resolve_precision(cfg.precision, device)),
+        "channels_last": not vmapped,
+    }
+    return Networks(network_template(cfg, teacher=False, **layout), network_template(cfg, teacher=True, **layout))
 
 
 def teacher_logits(

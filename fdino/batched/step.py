@@ -182,7 +182,7 @@ def _run(bstate: BatchedState, batch: Sequence[torch.Tensor], *, compiled: bool)
     step = _compiled(cfg) if compiled else _batched_full_step
     # The step's RNG from the first variant's (seed, draws); vmap then draws per variant.
     with step_rng(bstate.state.rng, bstate.device):
-        metrics = step(cfg, networks(cfg, bstate.device), bstate, list(batch))
+        metrics = step(cfg, networks(cfg, bstate.device, vmapped=True), bstate, list(batch))
     return bstate, metrics
 
 
