@@ -20,9 +20,9 @@ class TrainOptions:
     """How to run a training job (the config says what to train)."""
 
     data: str = "shapes10"
-    """Data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist) or an image folder."""
+    """Data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist, imagenet32, imagenet64) or an image folder."""
     data_root: str | None = None
-    """Where torchvision data sets / Fashion-MNIST files are (default $FDINO_DATA or ~/.cache/fdino)."""
+    """Folder of the data set's files (see fdino.data.build_dataset); default $FDINO_DATA or ~/.cache/fdino."""
     download: bool = False
     """Let torchvision download a missing data set (needs a network)."""
     run_dir: str = "runs/demo"
