@@ -22,6 +22,9 @@ PRECISIONS = ("fp32", "bf16", "auto")
 # Ablation switches of the paper's collapse study (sec. 5.3, Fig. 7) and teacher study (sec. 5.2, Table 6).
 CENTERINGS = ("ema", "none")
 TEACHER_UPDATES = ("ema", "student_copy", "previous_epoch", "frozen")
+# The projection head's hidden layers: Linear -> [norm] -> activation (fdino.models.DinoHead).
+HEAD_NORMS = ("none", "batchnorm", "layernorm")
+HEAD_ACTIVATIONS = ("gelu", "relu")
 # Sanity caps on the crops per image of a run, shared with fdino.data.MultiCropConfig (which
 # DinoConfig's crop fields configure). Not the fused loss kernel's limit on all crops together,
 # fdino.loss_inputs.KERNEL_MAX_CROPS, which merely has the same value as MAX_GLOBAL_CROPS.
@@ -56,8 +59,14 @@ class DinoConfig:
     """Number of MLP layers before the bottleneck output (1 means one linear layer)."""
     norm_last_layer: bool = True
     """Fix the last layer's weight-norm scale g to 1 (logits are cosines); stabilizes ViT."""
+    head_norm: str = "none"
+    """Norm after each hidden linear layer of the head: 'none', 'batchnorm' (paper's ResNet-50), 'layernorm'."""
+    head_activation: str = "gelu"
+    """Activation of the head's hidden layers: 'gelu' (paper) or 'relu'."""
+    head_weight_norm: bool = True
+    """Weight-normalized last layer (paper); off: a plain linear layer without bias (needs norm_last_layer off)."""
     head_use_bn: bool = False
-    """BatchNorm in the head's hidden layers (the paper uses it for ResNet-50 only)."""
+    """Old spelling of head_norm='batchnorm' (presets, run.json files); read into head_norm, then stored False."""
 
     # --- multi-crop --------------------------------------------------------------------------
     n_global_crops: int = 2
@@ -145,6 +154,7 @@ class DinoConfig:
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 object.__setattr__(self, name, _frozen(value))
+        _fold_head_use_bn(self)
         _validate(self)
 
     # Derived quantities used by the schedules, kept here so every caller agrees.
@@ -201,6 +211,22 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+def _fold_head_use_bn(cfg: DinoConfig) -> None:
+    """``head_use_bn=True`` (the field's old meaning) -> ``head_norm='batchnorm'``, stored as False.
+
+    One spelling per head, so configs that build the same network are equal (and hash equal: they
+    key compiled steps), and merging a run.json or preset over another (`fdino.cli`) cannot leave
+    two fields contradicting each other.
+    """
+    if cfg.head_use_bn is True:
+        if cfg.head_norm not in ("none", "batchnorm"):
+            _fail("head_use_bn", True, f"False with head_norm={cfg.head_norm!r} (head_use_bn=True means 'batchnorm')")
+        object.__setattr__(cfg, "head_norm", "batchnorm")
+        object.__setattr__(cfg, "head_use_bn", False)
+    elif cfg.head_use_bn is not False:
+        _fail("head_use_bn", cfg.head_use_bn, "a bool (better: head_norm='batchnorm' or 'none')")
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     checks.fail(f"DinoConfig.{name}", value, allowed)
 
@@ -240,6 +266,19 @@ def _validate(cfg: DinoConfig) -> None:
     _check_int(cfg, "head_hidden_dim", 1)
     _check_int(cfg, "head_bottleneck_dim", 1)
     _check_int(cfg, "head_n_layers", 1, 16)
+    if cfg.head_norm not in HEAD_NORMS:
+        _fail("head_norm", cfg.head_norm, f"one of {HEAD_NORMS}")
+    if cfg.head_activation not in HEAD_ACTIVATIONS:
+        _fail("head_activation", cfg.head_activation, f"one of {HEAD_ACTIVATIONS}")
+    if not isinstance(cfg.head_weight_norm, bool):
+        _fail("head_weight_norm", cfg.head_weight_norm, "True or False")
+    if not cfg.head_weight_norm and cfg.norm_last_layer:
+        _fail(
+            "norm_last_layer",
+            True,
+            "False when head_weight_norm=False (it fixes the weight-norm scale, which a plain last layer does not "
+            "have: --norm-last-layer false), or keep head_weight_norm",
+        )
     _check_int(cfg, "n_global_crops", 1, MAX_GLOBAL_CROPS)
     _check_int(cfg, "n_local_crops", 0, MAX_LOCAL_CROPS)
     if cfg.n_crops < 2:
@@ -315,6 +354,8 @@ __all__ = [
     "config_fields",
     "field_doc",
     "CENTERINGS",
+    "HEAD_ACTIVATIONS",
+    "HEAD_NORMS",
     "MAX_GLOBAL_CROPS",
     "MAX_LOCAL_CROPS",
     "PRECISIONS",

@@ -19,7 +19,26 @@ from torch import nn
 from .config import DinoConfig
 
 
-class WeightNormLinear(nn.Module):
+class _LogitLayer(nn.Module):
+    """A bias-free last layer of the head that can compute its logits in fp32 outside autocast.
+
+    The teacher's logits are divided by tau_t ~ 0.04: bf16 rounding would be magnified 25x, so
+    the teacher's last layer runs in fp32 (see KERNEL_NOTES).
+    """
+
+    fp32: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
+        if self.fp32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self._linear(x.float())
+        return self._linear(x)
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class WeightNormLinear(_LogitLayer):
     """Linear layer with weight normalization written out: W = g * v / ||v|| (row-wise, no bias).
 
     The paper's head uses `nn.utils.weight_norm`, which relies on forward pre-hooks that mutate
@@ -41,23 +60,42 @@ class WeightNormLinear(nn.Module):
             self.weight_g = nn.Parameter(scale)
         else:
             self.register_buffer("weight_g", scale)
-        # The teacher's logits are divided by tau_t ~ 0.04: bf16 rounding would be magnified 25x,
-        # so this layer can run outside autocast in fp32 (see KERNEL_NOTES).
         self.fp32 = fp32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
-        if self.fp32:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                return self._linear(x.float())
-        return self._linear(x)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         direction = self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
         return F.linear(x, direction * self.weight_g)
 
 
+class PlainLinear(_LogitLayer):
+    """A plain linear layer without bias, ``x @ W^T`` (``head_weight_norm=False``; parameter ``weight``).
+
+    Initialized like `WeightNormLinear`'s direction (nn.Linear's default), so the two heads start
+    from the same logits up to the row norms.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, *, fp32: bool) -> None:
+        super().__init__()
+        weight = torch.empty(out_dim, in_dim)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        self.weight = nn.Parameter(weight)
+        self.fp32 = fp32
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+_HEAD_NORMS = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}
+_HEAD_ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
+
+
 class DinoHead(nn.Module):
-    """MLP -> L2 normalization -> weight-normalized linear layer to K dimensions (paper, sec. 3.1)."""
+    """MLP -> L2 normalization -> weight-normalized linear layer to K dimensions (paper, sec. 3.1).
+
+    ``mlp`` holds ``head_n_layers`` linear layers; each but the last is followed by the configured
+    norm (``head_norm``: none, BatchNorm or LayerNorm over the features) and activation. The last
+    layer (``last_layer``) is weight-normalized (`WeightNormLinear`) or plain (`PlainLinear`).
+    """
 
     def __init__(self, in_dim: int, cfg: DinoConfig, *, fp32_logits: bool) -> None:
         super().__init__()
@@ -65,18 +103,21 @@ class DinoHead(nn.Module):
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims, dims[1:])):
             layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2:  # hidden layers: [BN], GELU; the bottleneck output has neither
-                if cfg.head_use_bn:
-                    layers.append(nn.BatchNorm1d(b))
-                layers.append(nn.GELU())
+            if i < len(dims) - 2:  # hidden layers: [norm], activation; the bottleneck output has neither
+                if cfg.head_norm != "none":
+                    layers.append(_HEAD_NORMS[cfg.head_norm](b))
+                layers.append(_HEAD_ACTIVATIONS[cfg.head_activation]())
         self.mlp = nn.Sequential(*layers)
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
-        self.last_layer = WeightNormLinear(
-            cfg.head_bottleneck_dim, cfg.out_dim, trainable_scale=not cfg.norm_last_layer, fp32=fp32_logits
-        )
+        if cfg.head_weight_norm:
+            self.last_layer: _LogitLayer = WeightNormLinear(
+                cfg.head_bottleneck_dim, cfg.out_dim, trainable_scale=not cfg.norm_last_layer, fp32=fp32_logits
+            )
+        else:
+            self.last_layer = PlainLinear(cfg.head_bottleneck_dim, cfg.out_dim, fp32=fp32_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, D) -> (N, K)
         x = self.mlp(x)

@@ -50,6 +50,7 @@ from .train_guard import (  # noqa: F401 (NonFiniteLossError, params_finite: API
     save_checked,
 )
 from .train_options import RESUMABLE_OVERRIDES, TrainOptions, resolve_device
+from .weights.start import start_from_weights
 
 
 def _writes_folder() -> bool:
@@ -173,6 +174,8 @@ def _train_process(
         if budget is not None and budget.steps is not None:
             cfg = cfg.replace(schedule_steps=budget.steps)
         state, loop = init_state(cfg, device=device), LoopState(steps_per_epoch=steps_per_epoch)
+        if opts.init_weights:  # only here: a resume continues from its checkpoint, never from the source
+            state = start_from_weights(state, opts.init_weights)
         meta = {"config": cfg.to_dict(), "options": opts.to_dict(), "precision": precision}
     else:
         state, saved_loop, resume_from = ckpt.load_newest_valid(run_dir, device=device)

@@ -20,11 +20,13 @@ class TrainOptions:
     """How to run a training job (the config says what to train)."""
 
     data: str = "shapes10"
-    """Data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist) or an image folder."""
+    """Data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist, imagenet32, imagenet64) or an image folder."""
     data_root: str | None = None
-    """Where torchvision data sets / Fashion-MNIST files are (default $FDINO_DATA or ~/.cache/fdino)."""
+    """Folder of the data set's files (see fdino.data.build_dataset); default $FDINO_DATA or ~/.cache/fdino."""
     download: bool = False
     """Let torchvision download a missing data set (needs a network)."""
+    init_weights: str = ""
+    """Start both backbones from a model (fdino run/export, official DINO, timm weights for --arch); head fresh."""
     run_dir: str = "runs/demo"
     """Folder for checkpoints, logs, plots (`fdino train` without it: runs/<data>-<preset>)."""
     device: str = dataclasses.field(default="auto", metadata={"choices": DEVICES})
@@ -82,6 +84,10 @@ class TrainOptions:
             ("attention_images", 0),
         ):
             check_int(f"TrainOptions.{name}", getattr(self, name), lo=lo)
+        if not isinstance(self.init_weights, str):
+            raise ValueError(
+                f"TrainOptions.init_weights={self.init_weights!r} is invalid: give a model source as a path string"
+            )
         check_real("TrainOptions.max_minutes", self.max_minutes, lo=0)  # 0: no limit
         check_real("TrainOptions.dist_timeout_minutes", self.dist_timeout_minutes, lo=0.05)
         if self.device not in DEVICES:

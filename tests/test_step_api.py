@@ -139,4 +139,4 @@ def test_presets_build_valid_configs():
         cfg = fn()
         assert isinstance(cfg, fdino.DinoConfig), name
     assert presets.vit_small16().arch == "vit_small_patch16_224" and presets.vit_small16().out_dim == 65536
-    assert presets.resnet50().arch == "resnet50" and presets.resnet50().head_use_bn
+    assert presets.resnet50().arch == "resnet50" and presets.resnet50().head_norm == "batchnorm"

@@ -41,6 +41,7 @@ from ..train import (
 )
 from ..train_eval import EvalSets, evaluate_knn, save_attention
 from ..train_guard import save_checked
+from ..weights.start import start_from_weights
 from .hyper import differing_fields
 from .state import BatchedState, stack_states, unstack
 from .step import batched_train_step, batched_train_step_eager
@@ -114,6 +115,8 @@ def _train_locked(
     start = common_checkpoint_step(run_dirs) if resume else None
     if start is None:
         states = [init_state(cfg, device=device) for cfg in cfgs]
+        if opts.init_weights:  # every variant starts from the same backbone, as `fdino train` would
+            states = [start_from_weights(state, opts.init_weights) for state in states]
         loops = [LoopState(steps_per_epoch=steps_per_epoch) for _ in cfgs]
         for cfg, run_dir in zip(cfgs, run_dirs):
             start_run_folder(run_dir, run_meta(cfg, opts, run_dir), overwrite=True)

@@ -1,16 +1,19 @@
 """`build_dataset`: one entry point from a name or a folder to a labeled map-style data set.
 
-Names: "shapes10" (built in, the default), "cifar10", "cifar100", "stl10", "fashion-mnist"; any
-other string is a folder path (`fdino.data.folder`). Every source gives a `DataSource` whose
-``dataset[i]`` is ``(image, label)`` with label -1 when unknown; images are uint8 ``[3, H, W]``
-tensors (in-memory sets and cached folders) or RGB PIL images (folders decoded on each access).
+Names: "shapes10" (built in, the default), "cifar10", "cifar100", "stl10", "fashion-mnist",
+"imagenet32", "imagenet64" (downsampled ImageNet's batch files, `fdino.data.imagenet_downsampled`);
+any other string is a folder path (`fdino.data.folder`). STL-10 is read straight from its binary
+files when they are under ``root`` (`fdino.data.stl10_binary`), else through torchvision. Every
+source gives a `DataSource` whose ``dataset[i]`` is ``(image, label)`` with label -1 when unknown;
+images are uint8 ``[3, H, W]`` tensors (in-memory sets and cached folders) or RGB PIL images
+(folders decoded on each access).
 A folder used at a small image size is decoded once into a memory-mapped cache
 (`fdino.data.decoded_cache`: same items, same pixels, no decoding per epoch).
 
 Splits by *role*, so the training loop never needs to know a data set's split names:
   "train"  - what self-supervised training reads (STL-10: its train + 100k unlabeled images),
   "memory" - the labeled k-NN memory bank / linear-probe train split,
-  "query"  - the labeled k-NN queries / evaluation split.
+  "query"  - the labeled k-NN queries / evaluation split (downsampled ImageNet: its val split).
 A data set's own split names ("test", "unlabeled", "train+unlabeled", "val") work as well.
 """
 
@@ -27,7 +30,9 @@ from .arrays import ArrayDataset
 from .decoded_cache import DecodeCacheOptions, decoded_folder
 from .folder import ImageFolder, scan_image_folder, split_subfolders
 from .idx import DEBIAN_FASHION_MNIST_DIR, find_idx_pair, idx_dataset
+from .imagenet_downsampled import imagenet_downsampled
 from .shapes import shapes10
+from .stl10_binary import find_stl10_binary, stl10_binary_dataset
 
 ROLES = ("train", "memory", "query")
 _ROLE_SPLITS = {
@@ -36,8 +41,14 @@ _ROLE_SPLITS = {
     "cifar100": {"train": "train", "memory": "train", "query": "test"},
     "fashion-mnist": {"train": "train", "memory": "train", "query": "test"},
     "stl10": {"train": "train+unlabeled", "memory": "train", "query": "test"},
+    "imagenet32": {"train": "train", "memory": "train", "query": "val"},
+    "imagenet64": {"train": "train", "memory": "train", "query": "val"},
 }
-_SPLITS = {"stl10": ("train", "train+unlabeled", "unlabeled", "test")}
+_SPLITS = {
+    "stl10": ("train", "train+unlabeled", "unlabeled", "test"),
+    "imagenet32": ("train", "val"),
+    "imagenet64": ("train", "val"),
+}
 _ALIASES = {
     "cifar-10": "cifar10",
     "cifar-100": "cifar100",
@@ -46,6 +57,10 @@ _ALIASES = {
     "fashionmnist": "fashion-mnist",
     "fmnist": "fashion-mnist",
     "shapes": "shapes10",
+    "imagenet-32": "imagenet32",
+    "imagenet32x32": "imagenet32",
+    "imagenet-64": "imagenet64",
+    "imagenet64x64": "imagenet64",
 }
 DATASET_NAMES = tuple(_ROLE_SPLITS)
 
@@ -105,7 +120,10 @@ def build_dataset(
     Args:
         name_or_path: a name from `DATASET_NAMES` (aliases such as "cifar-10" accepted) or a folder.
         root: where torchvision data sets are (or go, with ``download=True``); for
-            "fashion-mnist" also a folder with the four IDX files. Default `default_root()`.
+            "fashion-mnist" also a folder with the four IDX files; for "stl10" also a folder with
+            (or with ``stl10_binary/`` holding) the binary files; for "imagenet32" / "imagenet64" the
+            folder with the batch files or their ``Imagenet32_train`` ... subfolders (never
+            downloaded: image-net.org needs a login). Default `default_root()`.
         split: a role ("train", "memory", "query") or a data set's own split name.
         download: let torchvision fetch a missing data set (needs a network).
         seed, n: shapes10 only: generator seed, number of images.
@@ -120,12 +138,18 @@ def build_dataset(
         dataset = decoded_folder(source.dataset, image_size=image_size, options=decode_cache)
         return DataSource(dataset, source.classes, source.name, source.split)
     concrete = resolve_split(key, split)
+    base = os.fspath(root) if root is not None else default_root()
     if key == "shapes10":
         ds = shapes10(concrete, n=n, size=image_size, seed=seed)
     elif key == "fashion-mnist":
         ds = _fashion_mnist(root, concrete, download)
+    elif key in ("imagenet32", "imagenet64"):
+        ds = imagenet_downsampled(base, concrete, image_size=int(key[-2:]))
+    elif key == "stl10" and find_stl10_binary(base, concrete) is not None:
+        # The binary files are there: read them directly (no torchvision MD5 pass over 3 GB per load).
+        ds = stl10_binary_dataset(base, concrete)
     else:
-        ds = _torchvision(key, os.fspath(root) if root is not None else default_root(), concrete, download)
+        ds = _torchvision(key, base, concrete, download)
     return DataSource(ds, ds.classes, key, concrete)
 
 

@@ -64,10 +64,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         default="shapes10",
-        help="data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist) or an image folder "
-        "with train/ and val/ (or test/) class subfolders",
+        help="data set name (shapes10, cifar10, cifar100, stl10, fashion-mnist, imagenet32, imagenet64) or an "
+        "image folder with train/ and val/ (or test/) class subfolders",
     )
-    p.add_argument("--data-root", help="where torchvision data sets live (default: $FDINO_DATA or ~/.cache/fdino)")
+    p.add_argument(
+        "--data-root",
+        help="where the data set files are: torchvision's, STL-10 binary, downsampled ImageNet batch files "
+        "(default: $FDINO_DATA or ~/.cache/fdino)",
+    )
     p.add_argument("--download", action="store_true", help="let torchvision download a missing data set")
 
 

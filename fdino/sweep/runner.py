@@ -32,6 +32,7 @@ from .. import train
 from ..batched import batch_groups
 from ..batched.measure import measure
 from ..batched.train import train_batched
+from ..config import DinoConfig
 from ..data import build_dataset
 from ..state import default_device
 from .report import write_report
@@ -137,13 +138,16 @@ def _same_config(run_dir: Path, cfg) -> bool:
     meta = run_dir / "run.json"
     if not meta.exists():
         return False
-    saved = dict(json.loads(meta.read_text())["config"])
+    try:  # in today's spelling: fields added since it was written at their defaults, old aliases folded
+        saved = DinoConfig.from_dict(json.loads(meta.read_text())["config"]).to_dict()
+    except (ValueError, TypeError, KeyError):
+        return False
     saved.pop("steps_per_epoch", None)
     wanted = cfg.to_dict()
     wanted.pop("steps_per_epoch", None)
     if wanted["precision"] == "auto":
         saved["precision"] = "auto"
-    return json.loads(json.dumps(wanted)) == saved
+    return json.loads(json.dumps(wanted)) == json.loads(json.dumps(saved))
 
 
 def _finished(run_dir: Path, cfg) -> bool:

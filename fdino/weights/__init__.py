@@ -16,6 +16,7 @@ from .export_file import ExportInfo, export_safetensors, read_export_info
 from .files import strip_prefixes, torch_load_safe, unwrap_state_dict
 from .load import MODEL_SOURCES_HELP, SOURCE_KINDS, LoadedModel, load_model
 from .official import OFFICIAL_ARCHS, guess_timm_arch, timm_to_official
+from .start import start_from_weights
 
 __all__ = [
     "ExportInfo",
@@ -28,6 +29,7 @@ __all__ = [
     "guess_timm_arch",
     "load_model",
     "read_export_info",
+    "start_from_weights",
     "strip_prefixes",
     "timm_to_official",
     "torch_load_safe",

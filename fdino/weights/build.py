@@ -67,14 +67,16 @@ def build_timm_backbone(
     patch_size: int | None = None,
     img_size: int | None = None,
     share: bool = False,
+    strict: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``(backbone in eval mode, the timm kwargs it was built with)`` holding ``state``.
 
     ViTs are built for the weights' own patch size and position table (``img_size`` is only the
     fallback when the table does not say), with ``dynamic_img_size`` so they run at any resolution.
     Every backbone key must be present with its shape; head and classifier keys are dropped, other
-    extra keys with a warning. The module is created on ``meta`` and takes the tensors
-    (``share=True``: no copy, for tensors that belong to nobody else, e.g. just read from a file).
+    extra keys with a warning (``strict=True``: an error, for callers that need every weight used).
+    The module is created on ``meta`` and takes the tensors (``share=True``: no copy, for tensors
+    that belong to nobody else, e.g. just read from a file).
     """
     kwargs = dict(model_kwargs or {})
     with torch.device("meta"):
@@ -104,6 +106,12 @@ def build_timm_backbone(
         )
     extra = sorted(k for k in state if k not in own)
     unknown = [k for k in extra if not k.startswith(HEAD_PREFIXES)]
+    if unknown and strict:
+        raise ValueError(
+            f"{len(unknown)} weights have no place in timm {arch!r} {kwargs}: {unknown[:8]}"
+            f"{' ...' if len(unknown) > 8 else ''} (pass the arch and model_kwargs / --model-kwargs they were "
+            "trained with, e.g. depth=)"
+        )
     if unknown:
         warnings.warn(f"ignoring {len(unknown)} weights that {arch!r} has no place for: {unknown[:8]}", stacklevel=3)
     tensors = {k: state[k] if share else state[k].clone() for k in own}

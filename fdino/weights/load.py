@@ -97,9 +97,12 @@ def _open(source: str | Path | Mapping[str, Any]) -> tuple[Any, ExportInfo | Non
     return content, export_info, str(source), True
 
 
-def _from_export(info: ExportInfo, weights: Mapping[str, torch.Tensor]) -> tuple[nn.Module, DinoConfig | None]:
+def _from_export(
+    info: ExportInfo, weights: Mapping[str, torch.Tensor], strict: bool
+) -> tuple[nn.Module, DinoConfig | None]:
     if info.dino_config is None:
-        return build_timm_backbone(info.arch, weights, model_kwargs=info.model_kwargs, share=True)[0], None
+        backbone = build_timm_backbone(info.arch, weights, model_kwargs=info.model_kwargs, share=True, strict=strict)
+        return backbone[0], None
     cfg = DinoConfig.from_dict(info.dino_config)
     return _from_config(cfg, weights, share=True)[0], cfg
 
@@ -145,6 +148,7 @@ def load_model(
     model_kwargs: Mapping[str, Any] | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    strict: bool = False,
 ) -> LoadedModel:
     """The frozen backbone of ``source`` (see the module docstring) on ``device``.
 
@@ -156,6 +160,8 @@ def load_model(
             ``img_size`` also overrides the evaluation resolution of any source.
         model_kwargs: further ``timm.create_model`` arguments for plain weights (embed_dim, depth, ...).
         mean, std: override the input normalization (default: the source's, ImageNet's for plain weights).
+        strict: weights the backbone has no place for (other than a projection head or classifier) are
+            an error, not a warning (``fdino train --init-weights`` uses every backbone weight).
     """
     check_which(which)
     content, info, name, share = _open(source)
@@ -163,13 +169,13 @@ def load_model(
     if (info is not None or fdino_checkpoint) and arch is not None:
         warnings.warn(f"arch={arch!r} ignored: {name} is an fdino model that names its own", stacklevel=2)
     if info is not None:
-        (backbone, cfg), kind = _from_export(info, content), "fdino-export"
+        (backbone, cfg), kind = _from_export(info, content, strict), "fdino-export"
     elif fdino_checkpoint:
         (backbone, info, cfg), kind = _from_checkpoint(content, which, share), "fdino-checkpoint"
     else:
         backbone, info, kind = _from_weights(
             content, name, which=which, arch=arch, share=share,
-            model_kwargs=model_kwargs, patch_size=patch_size, img_size=img_size,
+            model_kwargs=model_kwargs, patch_size=patch_size, img_size=img_size, strict=strict,
         )  # fmt: skip
         cfg = None
     overrides = {"image_size": None if img_size is None else int(img_size)}
