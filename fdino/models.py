@@ -96,9 +96,13 @@ class DinoNetwork(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        features = [self.backbone(torch.cat(group)) for group in resolution_groups(crops)]
-        return self.head(torch.cat(features))
+    def forward(
+        self, crops: list[torch.Tensor] | tuple[torch.Tensor, ...], with_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``[V*B, K]`` logits; with ``with_features`` also the ``[V*B, D]`` backbone features (KoLeo reads them)."""
+        features = torch.cat([self.backbone(torch.cat(group)) for group in resolution_groups(crops)])
+        logits = self.head(features)
+        return (logits, features) if with_features else logits
 
 
 def resolution_groups(crops) -> list[list[torch.Tensor]]:
