@@ -8,19 +8,27 @@ objective to the reference losses. The compiled step is in test_dinov2_compiled.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
+import dist_setup
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from test_distributed import assert_states_close
 from torch.func import functional_call
 
 import fdino
 from fdino import presets
 from fdino.batched.hyper import batch_groups, unbatchable
+from fdino.checkpoint import state_from_dict
 from fdino.distributed import summing
 from fdino.koleo import koleo_loss, koleo_per_crop
 from fdino.sinkhorn import dino_loss_from_targets, sinkhorn_knopp_targets
@@ -394,3 +402,28 @@ def test_dinov2_study_is_a_two_by_two_grid_that_validates():
     ]
     assert dict(spec.grid) == {"centering": ("ema", "sinkhorn"), "koleo_weight": (0.0, 0.1)}
     assert [unbatchable(c) is None for c in cfgs.values()] == [True, False, False, False]
+
+
+def test_two_gloo_processes_with_sinkhorn_equal_one_process_with_the_whole_batch(tmp_path):
+    # The Sinkhorn targets normalize over both workers' rows, so 2 workers are one big batch (KoLeo is per
+    # worker, as in DINOv2, so it stays off here). Each worker runs tests/dist_worker.py (train_step_eager).
+    tests = Path(__file__).resolve().parent
+    changes = {"centering": "sinkhorn"}
+    out = tmp_path / "rank0.pt"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "FDINO_DIST_TEST_CONFIG": json.dumps(changes),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run([*cmd, str(tests / "dist_worker.py"), str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = torch.load(out, weights_only=True)
+    distributed = state_from_dict(saved["state"])
+    assert distributed.cfg.centering == "sinkhorn"
+    single = fdino.init_state(dist_setup.CFG.replace(**changes), device="cpu")
+    for batch in dist_setup.batches(dist_setup.N_STEPS):
+        single, metrics = fdino.train_step_eager(single, batch)
+    assert_states_close(distributed, single)
+    torch.testing.assert_close(saved["loss"], metrics["loss"], rtol=1e-5, atol=1e-6)
