@@ -19,8 +19,9 @@ from . import checks
 from .loss_inputs import LOSS_IMPLS
 
 PRECISIONS = ("fp32", "bf16", "auto")
-# Ablation switches of the paper's collapse study (sec. 5.3, Fig. 7) and teacher study (sec. 5.2, Table 6).
-CENTERINGS = ("ema", "none")
+# Ablation switches of the paper's collapse study (sec. 5.3, Fig. 7) and teacher study (sec. 5.2, Table 6);
+# "sinkhorn": DINOv2's Sinkhorn-Knopp teacher targets (Oquab et al. 2023), see fdino.sinkhorn.
+CENTERINGS = ("ema", "none", "sinkhorn")
 TEACHER_UPDATES = ("ema", "student_copy", "previous_epoch", "frozen")
 # The projection head's hidden layers: Linear -> [norm] -> activation (fdino.models.DinoHead).
 HEAD_NORMS = ("none", "batchnorm", "layernorm")
@@ -97,8 +98,19 @@ class DinoConfig:
     """m in c <- m c + (1 - m) mean(teacher logits)."""
     # Collapse study (paper sec. 5.3): centering alone -> uniform teacher (entropy near log K),
     # sharpening alone -> one-hot teacher (entropy near 0); see fdino.diagnostics.
+    # "sinkhorn" (DINOv2) replaces the centered softmax by Sinkhorn-Knopp targets over the whole batch (all
+    # workers); the center is then unused by the loss but keeps its EMA (center_norm stays a diagnostic, and a
+    # resume with "ema" starts from a warm center). Its loss takes probabilities, so it runs the reference loss:
+    # the fused kernel computes the teacher softmax from logits and a center inside the kernel.
     centering: str = "ema"
-    """'ema' (paper) or 'none' (center fixed at 0); no sharpening is teacher_temp == student_temp."""
+    """'ema' (paper), 'none' (center 0) or 'sinkhorn' (DINOv2 targets); no sharpening: teacher_temp == student_temp."""
+    sinkhorn_iterations: int = 3
+    """Row/column normalization rounds of centering='sinkhorn' (DINOv2: 3)."""
+    # KoLeo (DINOv2; Sablayrolles et al. 2019): -mean log(distance to the nearest neighbour) of the student's
+    # L2-normalized backbone features, per global crop over each worker's (micro-)batch as DINOv2 does, summed
+    # over the global crops; with several workers or micro-batches it is therefore not one big batch's value.
+    koleo_weight: float = 0.0
+    """Weight of the KoLeo regularizer on the student's global-crop backbone features (0: off; DINOv2: 0.1)."""
     loss_impl: str = "auto"
     """'auto' (fused Triton kernel on CUDA, reference elsewhere), 'triton' or 'reference'."""
 
@@ -251,6 +263,23 @@ def _check_scale(cfg: DinoConfig, name: str) -> None:
         _fail(name, value, "a pair (lo, hi) with 0 < lo <= hi <= 1")
 
 
+def _check_sinkhorn(cfg: DinoConfig) -> None:
+    if cfg.grad_accum_steps != 1:
+        _fail(
+            "grad_accum_steps",
+            cfg.grad_accum_steps,
+            "1 with centering='sinkhorn' (its targets normalize over the whole batch, which micro-batches would "
+            "split); use centering='ema' or a smaller batch_size without accumulation",
+        )
+    if cfg.loss_impl == "triton":
+        _fail(
+            "loss_impl",
+            cfg.loss_impl,
+            "'auto' or 'reference' with centering='sinkhorn' (the fused kernel takes teacher logits and a center, "
+            "not the Sinkhorn target probabilities)",
+        )
+
+
 def _validate(cfg: DinoConfig) -> None:
     if not isinstance(cfg.arch, str) or not cfg.arch:
         _fail("arch", cfg.arch, "a timm model name such as 'vit_small_patch16_224' or 'resnet50'")
@@ -318,6 +347,10 @@ def _validate(cfg: DinoConfig) -> None:
     _check_range(cfg, "teacher_momentum_end", 0.0, 1.0)
     if cfg.centering not in CENTERINGS:
         _fail("centering", cfg.centering, f"one of {CENTERINGS}")
+    _check_int(cfg, "sinkhorn_iterations", 1, 1000)
+    _check_range(cfg, "koleo_weight", 0.0, 1e6)
+    if cfg.centering == "sinkhorn":
+        _check_sinkhorn(cfg)
     if cfg.teacher_update not in TEACHER_UPDATES:
         _fail("teacher_update", cfg.teacher_update, f"one of {TEACHER_UPDATES}")
     if cfg.loss_impl not in LOSS_IMPLS:

@@ -34,6 +34,20 @@ def teacher_diagnostics(
     }
 
 
+def target_diagnostics(targets: torch.Tensor, center: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`teacher_diagnostics` of given teacher distributions (``[G*B, K]`` probabilities, e.g. Sinkhorn targets)."""
+    q = targets.float()
+    entropy = -torch.special.xlogy(q, q).sum(dim=-1).mean()
+    mean_q = q.mean(dim=0)
+    mean_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-30))).sum()
+    return {
+        "teacher_entropy": entropy,
+        "teacher_effective_dims": mean_entropy.exp(),
+        "kl": loss.detach().float() - entropy,
+        "center_norm": torch.linalg.vector_norm(center.float()),
+    }
+
+
 def collapse_mode(metrics: dict[str, float], out_dim: int) -> str | None:
     """ "uniform", "one-hot" or None: which collapse the readings show (thresholds: `collapse_report`)."""
     entropy, dims, kl = (metrics.get(k) for k in ("teacher_entropy", "teacher_effective_dims", "kl"))

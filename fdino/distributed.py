@@ -109,6 +109,18 @@ def mean_reducer(group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
     return reduce_
 
 
+def summing(reducer, world_size: int):
+    """A sum all-reduce (tensor -> its sum over the workers) from the step's averaging ``reducer``, for the
+    collectives inside a computation (the Sinkhorn targets' normalizations, `fdino.sinkhorn`)."""
+
+    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        reducer([out])
+        return out * world_size
+
+    return all_reduce_sum
+
+
 def broadcast_state_(state: TrainState, src: int = 0, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """Make every worker's state bitwise equal to rank ``src``'s (after init or resume)."""
     leaves = [t for t in pytree.tree_leaves(state) if t.device == state.device]

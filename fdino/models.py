@@ -138,14 +138,19 @@ class DinoNetwork(nn.Module):
         self.head = head
         self.channels_last = False  # set on step templates of convolutional backbones; see network_template
 
-    def forward(self, crops: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        features = []
+    def forward(
+        self, crops: list[torch.Tensor] | tuple[torch.Tensor, ...], with_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``[V*B, K]`` logits; with ``with_features`` also the ``[V*B, D]`` backbone features (KoLeo reads them)."""
+        per_group = []
         for group in resolution_groups(crops):
             x = torch.cat(group)  # (n*B, C, H, W)
             if self.channels_last:  # the convolutions then run (and return) NHWC; weights stay as they are
                 x = x.contiguous(memory_format=torch.channels_last)
-            features.append(self.backbone(x))
-        return self.head(torch.cat(features))
+            per_group.append(self.backbone(x))
+        features = torch.cat(per_group)
+        logits = self.head(features)
+        return (logits, features) if with_features else logits
 
 
 def resolution_groups(crops) -> list[list[torch.Tensor]]:

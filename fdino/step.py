@@ -11,7 +11,8 @@
 4. per-parameter gradient clipping, AdamW, last-layer freezing;
 5. teacher EMA (one `_foreach_lerp_`), then the center EMA with the batch center (`update_center_`);
    the ablations of `DinoConfig.teacher_update` and ``centering="none"`` change only the momentum
-   schedule and skip the center EMA (the teacher then subtracts 0).
+   schedule and skip the center EMA (the teacher then subtracts 0). DINOv2's options (``centering=
+   "sinkhorn"``, ``koleo_weight``) change only the objective (`fdino.objective`).
 
 Donation: ``train_step`` updates the tensors of the input state IN PLACE and returns a state
 holding those same tensors (like JAX's donated buffers: no second copy of parameters, moments or
@@ -37,12 +38,14 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from . import schedules
 from .config import DinoConfig
-from .diagnostics import teacher_diagnostics
+from .distributed import summing
 from .ema import ema_update_
-from .loss import dino_loss, update_center_
+from .loss import update_center_
 from .models import fused_attention_pays, is_last_layer, is_regularized, network_template
+from .objective import step_diagnostics, student_objective, teacher_targets, wants_features
 from .optim import adamw_, adamw_frozen_aware_, clip_grads_per_param_
 from .precision import resolve_precision
+from .sinkhorn import AllReduceSum
 from .state import TrainState
 
 Tree = dict[str, torch.Tensor]
@@ -126,41 +129,37 @@ def micro_grads(
     center: torch.Tensor,
     teacher_temp: torch.Tensor,
     student_temp: torch.Tensor | float | None = None,
+    all_reduce_sum: AllReduceSum | None = None,
 ) -> tuple[Tree, dict[str, torch.Tensor]]:
     """Gradients of the DINO loss on one (micro-)batch w.r.t. the student parameters.
 
     ``student_temp`` defaults to ``cfg.student_temp``; `fdino.batched` passes each variant's as a tensor.
-    Returns ``(grads, out)`` with ``out`` holding ``loss``, ``batch_center`` and the diagnostics.
+    ``all_reduce_sum``: sums across workers inside the Sinkhorn targets (``centering="sinkhorn"``, several workers).
+    Returns ``(grads, out)`` with ``out`` holding ``loss``, ``batch_center``, the diagnostics (and ``koleo``).
     """
     g = cfg.n_global_crops
     student_temp = cfg.student_temp if student_temp is None else student_temp
     t_logits = teacher_logits(cfg, nets.teacher, state.teacher, state.teacher_buffers, crops[:g])
+    targets = teacher_targets(cfg, t_logits, teacher_temp, all_reduce_sum)  # None unless centering="sinkhorn"
 
-    def loss_of_logits(s_logits: torch.Tensor):
-        return dino_loss(
-            s_logits,
-            t_logits,
-            center,
-            student_temp=student_temp,
-            teacher_temp=teacher_temp,
-            n_global_crops=g,
-            impl=cfg.loss_impl,
-        )
+    def loss_of_outputs(s_out):
+        return student_objective(cfg, s_out, t_logits, targets, center, student_temp, teacher_temp)
 
     def loss_fn(params: Tree, buffers: Tree):
         with _autocast(cfg, crops[0].device):
-            s_logits = functional_call(nets.student, (params, buffers), (list(crops),))
-        return loss_of_logits(s_logits)
+            s_out = functional_call(nets.student, (params, buffers), (list(crops), wants_features(cfg)))
+        return loss_of_outputs(s_out)
 
     if cfg.grad_checkpointing:
-        grads, (loss, batch_center) = _checkpointed_grad_and_value(
-            cfg, nets.student, state.student, state.student_buffers, crops, loss_of_logits
+        grads, (loss, aux) = _checkpointed_grad_and_value(
+            cfg, nets.student, state.student, state.student_buffers, crops, loss_of_outputs
         )
     else:
         # Buffers are an explicit (non-differentiated) input: functorch forbids mutating captured tensors.
-        grads, (loss, batch_center) = grad_and_value(loss_fn, has_aux=True)(state.student, state.student_buffers)
-    out = {"loss": loss.detach(), "batch_center": batch_center}
-    out.update(teacher_diagnostics(t_logits, center, teacher_temp, loss))
+        grads, (loss, aux) = grad_and_value(loss_fn, has_aux=True)(state.student, state.student_buffers)
+    loss = aux.pop("dino_loss", loss)  # with KoLeo, `loss` is the total; the metric stays the DINO loss
+    out = {"loss": loss.detach(), **aux}
+    out.update(step_diagnostics(t_logits, targets, center, teacher_temp, loss))
     return grads, out
 
 
@@ -177,8 +176,8 @@ def _checkpointed_grad_and_value(
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     with _reparametrize_module(net, {**leaves, **buffers}):
         with torch.enable_grad(), _autocast(cfg, crops[0].device):
-            s_logits = net(list(crops))
-        loss, aux = loss_of_logits(s_logits)
+            s_out = net(list(crops), wants_features(cfg))
+        loss, aux = loss_of_logits(s_out)
         grads = torch.autograd.grad(loss, list(leaves.values()))
     return dict(zip(leaves, grads)), (loss.detach(), aux)
 
@@ -217,7 +216,7 @@ def apply_update(
             adamw_(*args, regularized=regularized, **common)
     # Every teacher_update mode is this EMA with its own momentum schedule (0 copies, 1 keeps).
     ema_update_([state.teacher[k] for k in names], [state.student[k] for k in names], sched["momentum"])
-    if cfg.centering == "ema":
+    if cfg.centering in ("ema", "sinkhorn"):  # sinkhorn: unused by the loss, kept as a diagnostic
         update_center_(state.center, batch_center, cfg.center_momentum)
     state.step.add_(1)
     return {"grad_norm": grad_norm}
@@ -357,6 +356,10 @@ def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, w
             metrics = full(cfg, nets, state, crops, sched)
         else:
             grad_fn = _compiled(cfg, "grads") if compiled else micro_grads
+            if reducer is not None and cfg.centering == "sinkhorn":
+                # Sinkhorn's sums across workers run inside the gradient function: eager (collectives are not
+                # traced into the compiled graph); the update stays compiled.
+                grad_fn = functools.partial(micro_grads, all_reduce_sum=summing(reducer, world_size))
             update_fn = _compiled(cfg, "update") if compiled else apply_update
             metrics = _accumulated_step(cfg, nets, state, crops, sched, grad_fn, update_fn, reducer)
     sched.pop("last_layer_frozen")

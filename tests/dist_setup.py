@@ -1,5 +1,8 @@
 """Config and data shared by the data-parallel test and its torchrun worker."""
 
+import json
+import os
+
 import torch
 
 from fdino import presets
@@ -8,6 +11,8 @@ from fdino import presets
 # the qkv bias has an analytically zero gradient, i.e. rounding noise that differs with summation
 # order; Adam would turn it into lr-sized steps, so a larger eps keeps those entries still.
 CFG = presets.smoke(batch_size=16, lr=0.05, warmup_epochs=0.0, freeze_last_layer=0.2, adam_eps=1e-5)
+# A test may run the workers on a variant of CFG (DinoConfig fields as JSON), e.g. centering="sinkhorn".
+CFG = CFG.replace(**json.loads(os.environ.get("FDINO_DIST_TEST_CONFIG", "{}")))
 N_STEPS = 3
 
 

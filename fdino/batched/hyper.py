@@ -47,8 +47,25 @@ Hyperparams = dict[str, torch.Tensor]
 
 
 def structure(cfg: DinoConfig) -> DinoConfig:
-    """``cfg`` with every batchable field at its default: equal for configs that can share one batched run."""
-    return cfg.replace(**_DEFAULTS)
+    """``cfg`` with every batchable field at its default: equal for configs that can share one batched run.
+    ``centering="sinkhorn"`` is another computation, not another value: it stays (see `unbatchable`)."""
+    keep = {"centering": cfg.centering} if cfg.centering == "sinkhorn" else {}
+    return cfg.replace(**{**_DEFAULTS, **keep})
+
+
+def unbatchable(cfg: DinoConfig) -> str | None:
+    """Why variants of ``cfg`` cannot train as one batched run, with the fix; None when they can."""
+    if cfg.centering == "sinkhorn" or cfg.koleo_weight > 0:
+        return (
+            "the batched (vmapped) step does not run DINOv2's centering='sinkhorn' or koleo_weight > 0 (only the "
+            "single-run step does); run these variants unbatched (fdino sweep --batched off, or one train_step each)"
+        )
+    if cfg.grad_accum_steps != 1 or cfg.grad_checkpointing:
+        return (
+            "batched variants train with grad_accum_steps=1 and grad_checkpointing=False (micro-batches and "
+            "checkpointing are not vmapped); run these variants one after another instead"
+        )
+    return None
 
 
 def differing_fields(a: DinoConfig, b: DinoConfig) -> list[str]:
@@ -138,4 +155,5 @@ __all__ = [
     "differing_fields",
     "hyperparams_of",
     "structure",
+    "unbatchable",
 ]

@@ -29,7 +29,7 @@ from .. import schedules
 from ..config import DinoConfig
 from ..models import is_last_layer, is_regularized
 from ..step import Networks, check_batch, micro_grads, networks, step_rng
-from .hyper import batched_schedules, centered
+from .hyper import batched_schedules, centered, unbatchable
 from .state import BatchedState
 
 Tree = dict[str, torch.Tensor]
@@ -152,11 +152,9 @@ def _batched_full_step(
 def check_batched_batch(bstate: BatchedState, batch: Sequence[torch.Tensor]) -> None:
     """Host-side checks: V crops of ``[N, B, C, H, W]``, each variant's slice a valid single-run batch."""
     cfg, n = bstate.cfg, bstate.n_variants
-    if cfg.grad_accum_steps != 1 or cfg.grad_checkpointing:
-        raise ValueError(
-            "batched variants train with grad_accum_steps=1 and grad_checkpointing=False (micro-batches and "
-            "checkpointing are not vmapped); run these variants one after another instead"
-        )
+    reason = unbatchable(cfg)
+    if reason is not None:
+        raise ValueError(reason)
     if not isinstance(batch, (list, tuple)):
         raise TypeError(
             f"batch must be a list of {cfg.n_crops} crop tensors [N, B, C, H, W], got {type(batch).__name__}"

@@ -30,6 +30,7 @@ import torch._dynamo
 from .. import checkpoint as ckpt
 from .. import train
 from ..batched import batch_groups
+from ..batched.hyper import unbatchable
 from ..batched.measure import measure
 from ..batched.train import train_batched
 from ..config import DinoConfig
@@ -114,8 +115,8 @@ def _batch_this(members, batched: str, say) -> bool:
     if batched != "auto":
         return batched == "on"
     cfgs, opts = [m[1] for m in members], members[0][2]
-    if cfgs[0].grad_accum_steps != 1 or cfgs[0].grad_checkpointing:
-        return False  # not vmapped (fdino.batched.step.check_batched_batch)
+    if unbatchable(cfgs[0]) is not None:
+        return False  # not vmapped (fdino.batched.step.check_batched_batch says why)
     data = build_dataset(opts.data, root=opts.data_root, split="train", image_size=cfgs[0].global_crop_size)
     device = train.resolve_device(opts.device, default_device())
     choice = measure(cfgs, data.dataset, device)

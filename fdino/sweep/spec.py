@@ -169,6 +169,17 @@ def _values(field: str, values: tuple, *, also: tuple[str, ...] = ()) -> Callabl
     return build
 
 
+# DINOv2's two additions to DINO's objective (Oquab et al. 2023, sec. 4), as a 2 x 2 grid.
+_DINOV2_AXES: Overrides = (("centering", ("ema", "sinkhorn")), ("koleo_weight", (0.0, 0.1)))
+
+
+def _dinov2_objective(_base: DinoConfig) -> tuple[Variant, ...]:
+    return grid_variants(_DINOV2_AXES)
+
+
+# Studies whose variants form a grid of more than one axis (the report draws a heat map of 2-D grids).
+_STUDY_GRIDS: dict[str, Overrides] = {"centering-sinkhorn-koleo": _DINOV2_AXES}
+
 # study -> (variants from the base config, the paper's finding to print beside the measurement)
 STUDIES: dict[str, tuple[Callable[[DinoConfig], tuple[Variant, ...]], str]] = {
     "centering-sharpening": (
@@ -200,6 +211,12 @@ STUDIES: dict[str, tuple[Callable[[DinoConfig], tuple[Variant, ...]], str]] = {
         _values("out_dim", (256, 1024, 4096)),
         "Paper (appendix, output dimension): larger K helps up to 65536 on ImageNet.",
     ),
+    "centering-sinkhorn-koleo": (
+        _dinov2_objective,
+        "DINOv2 (Oquab et al. 2023, section 4) replaces centering by Sinkhorn-Knopp teacher targets (from SwAV) "
+        "and adds the KoLeo regularizer (weight 0.1), which spreads the features in a batch and is reported to "
+        "help nearest-neighbour retrieval. Variants that use either train unbatched.",
+    ),
 }
 
 
@@ -213,11 +230,12 @@ def study_spec(study: str, **fields: Any) -> SweepSpec:
         raise ValueError(f"preset {preset!r} is unknown; allowed: {sorted(PRESETS)}")
     base = PRESETS[preset]().replace(**dict(fields.get("config", ())))
     variants = build(base)
-    grid = (
-        ()
-        if study == "centering-sharpening"
-        else ((variants[0].overrides[0][0], tuple(v.overrides[0][1] for v in variants)),)
-    )
+    if study in _STUDY_GRIDS:
+        grid = _STUDY_GRIDS[study]
+    elif study == "centering-sharpening":
+        grid = ()
+    else:
+        grid = ((variants[0].overrides[0][0], tuple(v.overrides[0][1] for v in variants)),)
     return SweepSpec(**{"name": study, **fields, "variants": variants, "grid": grid, "study": study})
 
 
