@@ -113,8 +113,8 @@ def _batch_this(members, batched: str, say) -> bool:
     if batched != "auto":
         return batched == "on"
     cfgs, opts = [m[1] for m in members], members[0][2]
-    if cfgs[0].grad_accum_steps != 1 or cfgs[0].grad_checkpointing:
-        return False  # not vmapped (fdino.batched.step.check_batched_batch)
+    if cfgs[0].grad_accum_steps != 1 or cfgs[0].grad_checkpointing or cfgs[0].optimizer != "adamw":
+        return False  # not vmapped (fdino.batched.step.check_batched_batch), or not AdamW (stack_states)
     data = build_dataset(opts.data, root=opts.data_root, split="train", image_size=cfgs[0].global_crop_size)
     device = train.resolve_device(opts.device, default_device())
     choice = measure(cfgs, data.dataset, device)
