@@ -12,7 +12,7 @@ from .diagnostics import collapse_report, teacher_diagnostics
 from .ema import ema_update_
 from .loss import dino_loss, dino_loss_reference, update_center_
 from .models import create_backbone, create_network
-from .optim import AdamWState
+from .optim import AdamWState, MomentumState
 from .state import TrainState, clone_state, init_state, tree_allclose
 from .step import check_batch, train_step, train_step_eager
 
@@ -22,6 +22,7 @@ __all__ = [
     "AdamWState",
     "BatchedState",
     "DinoConfig",
+    "MomentumState",
     "TrainState",
     "batched_train_step",
     "batched_train_step_eager",

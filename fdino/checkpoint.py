@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .config import DinoConfig
-from .optim import AdamWState
+from .optim import optimizer_state_type
 from .run_folder import fsync_dir, temp_name
 from .state import TrainState
 
@@ -52,11 +52,8 @@ def state_to_dict(state: TrainState) -> dict[str, Any]:
         "student_buffers": dict(state.student_buffers),
         "teacher": dict(state.teacher),
         "teacher_buffers": dict(state.teacher_buffers),
-        "opt": {
-            "exp_avg": dict(state.opt.exp_avg),
-            "exp_avg_sq": dict(state.opt.exp_avg_sq),
-            "count": dict(state.opt.count),
-        },
+        # {field: {name: tensor}} of the optimizer's state: exp_avg, exp_avg_sq, count (AdamW) or momentum_buffer.
+        "opt": {field: dict(tree) for field, tree in state.opt._asdict().items()},
         "center": state.center,
         "step": state.step,
         "rng": state.rng,
@@ -70,9 +67,17 @@ def state_from_dict(data: dict[str, Any], device: str | torch.device | None = No
         k: {n: move(t) for n, t in data[k].items()}
         for k in ("student", "student_buffers", "teacher", "teacher_buffers")
     }
-    opt = AdamWState(**{k: {n: move(t) for n, t in data["opt"][k].items()} for k in ("exp_avg", "exp_avg_sq", "count")})
+    cfg = DinoConfig.from_dict(data["config"])
+    kind = optimizer_state_type(cfg.optimizer)
+    if set(data["opt"]) != set(kind._fields):
+        raise ValueError(
+            f"the checkpoint's optimizer state holds {sorted(data['opt'])}, but its config's "
+            f"optimizer={cfg.optimizer!r} keeps {list(kind._fields)}: the file was edited or written by another "
+            "program; start a new run"
+        )
+    opt = kind(**{k: {n: move(t) for n, t in data["opt"][k].items()} for k in kind._fields})
     return TrainState(
-        cfg=DinoConfig.from_dict(data["config"]),
+        cfg=cfg,
         opt=opt,
         center=move(data["center"]),
         step=move(data["step"]),

@@ -26,6 +26,11 @@ TEACHER_UPDATES = ("ema", "student_copy", "previous_epoch", "frozen")
 # The projection head's hidden layers: Linear -> [norm] -> activation (fdino.models.DinoHead).
 HEAD_NORMS = ("none", "batchnorm", "layernorm")
 HEAD_ACTIVATIONS = ("gelu", "relu")
+# Optimizers of the reference code (main_dino.py --optimizer): AdamW for ViTs, SGD or LARS for convnets.
+OPTIMIZERS = ("adamw", "sgd", "lars")
+# Warm-up forms: fdino's own, and the reference code's (utils.cosine_scheduler, DINOLoss's per-epoch table).
+LR_WARMUPS = ("fdino", "official")
+TEACHER_TEMP_WARMUPS = ("per_step", "per_epoch")
 # Sanity caps on the crops per image of a run, shared with fdino.data.MultiCropConfig (which
 # DinoConfig's crop fields configure). Not the fused loss kernel's limit on all crops together,
 # fdino.loss_inputs.KERNEL_MAX_CROPS, which merely has the same value as MAX_GLOBAL_CROPS.
@@ -93,7 +98,9 @@ class DinoConfig:
     warmup_teacher_temp: float = 0.04
     """Teacher temperature at step 0; linear warm-up to `teacher_temp`."""
     warmup_teacher_temp_epochs: float = 0.0
-    """Length of the teacher temperature warm-up, in epochs (per-step linear ramp)."""
+    """Length of the teacher temperature warm-up, in epochs (see `teacher_temp_warmup`)."""
+    teacher_temp_warmup: str = "per_step"
+    """'per_step' (a linear ramp over steps) or 'per_epoch' (reference code: linspace over epochs, one per epoch)."""
     center_momentum: float = 0.9
     """m in c <- m c + (1 - m) mean(teacher logits)."""
     # Collapse study (paper sec. 5.3): centering alone -> uniform teacher (entropy near log K),
@@ -130,11 +137,17 @@ class DinoConfig:
     min_lr: float = 1e-6
     """Learning rate at the end of the cosine decay."""
     warmup_epochs: float = 10.0
-    """Linear learning-rate warm-up from 0, in epochs."""
+    """Linear learning-rate warm-up from 0, in epochs (see `lr_warmup`)."""
+    lr_warmup: str = "fdino"
+    """'fdino' (peak * s / W over W steps) or 'official' (reference code: np.linspace(0, peak, W), peak at W - 1)."""
     weight_decay: float = 0.04
     """Weight decay at step 0 (cosine to `weight_decay_end`); not applied to biases and norms."""
     weight_decay_end: float = 0.4
     """Weight decay at the last step."""
+    optimizer: str = "adamw"
+    """'adamw' (ViTs), 'sgd' (momentum, L2 weight decay) or 'lars' (SGD, layer-wise trust ratio) as main_dino.py."""
+    optimizer_momentum: float = 0.9
+    """Momentum of 'sgd' and 'lars' (mu <- m mu + update); AdamW uses `adam_betas` instead."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """AdamW beta1, beta2."""
     adam_eps: float = 1e-8
@@ -341,6 +354,19 @@ def _validate(cfg: DinoConfig) -> None:
     if not (isinstance(b, tuple) and len(b) == 2 and all(isinstance(x, float) and 0 <= x < 1 for x in b)):
         _fail("adam_betas", b, "a pair of floats in [0, 1)")
     _check_range(cfg, "adam_eps", 0.0, 1.0, lo_open=True)
+    if cfg.optimizer not in OPTIMIZERS:
+        _fail("optimizer", cfg.optimizer, f"one of {OPTIMIZERS}")
+    _check_range(cfg, "optimizer_momentum", 0.0, 1.0, hi_open=True)
+    if cfg.lr_warmup not in LR_WARMUPS:
+        _fail("lr_warmup", cfg.lr_warmup, f"one of {LR_WARMUPS}")
+    if cfg.teacher_temp_warmup not in TEACHER_TEMP_WARMUPS:
+        _fail("teacher_temp_warmup", cfg.teacher_temp_warmup, f"one of {TEACHER_TEMP_WARMUPS}")
+    if cfg.teacher_temp_warmup == "per_epoch" and cfg.warmup_teacher_temp_epochs != int(cfg.warmup_teacher_temp_epochs):
+        _fail(
+            "warmup_teacher_temp_epochs",
+            cfg.warmup_teacher_temp_epochs,
+            "a whole number of epochs with teacher_temp_warmup='per_epoch' (or use 'per_step')",
+        )
     _check_range(cfg, "clip_grad", 0.0, 1e9)
     _check_range(cfg, "freeze_last_layer", 0.0, float(cfg.epochs))
     _check_range(cfg, "teacher_momentum", 0.0, 1.0)
@@ -389,8 +415,11 @@ __all__ = [
     "CENTERINGS",
     "HEAD_ACTIVATIONS",
     "HEAD_NORMS",
+    "LR_WARMUPS",
     "MAX_GLOBAL_CROPS",
     "MAX_LOCAL_CROPS",
+    "OPTIMIZERS",
     "PRECISIONS",
+    "TEACHER_TEMP_WARMUPS",
     "TEACHER_UPDATES",
 ]

@@ -10,12 +10,17 @@ epochs count ``cfg.schedule_epoch_steps`` steps per epoch: the data epoch's step
 (``schedule_steps / epochs``) when `fdino.budget` fitted the run to a time.
 - learning rate: ``peak * s / W`` for ``s < W``, then cosine
   ``min + (peak - min) * (1 + cos(pi * (s - W) / (T - W))) / 2``
-  where ``peak = lr * batch_size / 256`` (the paper's linear scaling rule).
+  where ``peak = lr * batch_size / 256`` (the paper's linear scaling rule). ``lr_warmup="official"``: the
+  reference code's ``np.linspace(0, peak, W)``, i.e. ``peak * s / (W - 1)``, which reaches the peak at
+  s = W - 1 (`utils.cosine_scheduler` of facebookresearch/dino); the cosine after it is the same.
 - weight decay: cosine from ``weight_decay`` at s = 0 to ``weight_decay_end`` at s = T.
 - teacher momentum: ``1 - (1 - m0) * (1 + cos(pi * s / T)) / 2``, from m0 to ``teacher_momentum_end`` (1 in the paper);
   0 or 1 per step for the other ``teacher_update`` modes (see `teacher_momentum`).
 - teacher temperature: linear from ``warmup_teacher_temp`` to ``teacher_temp`` over the warm-up, then constant.
   Deviation from the reference code: the ramp is per step, not per epoch (as in DINOv2), so it has no jumps.
+  ``teacher_temp_warmup="per_epoch"`` is the reference code's table ``np.linspace(warmup, final, E)[e]``
+  for epoch ``e = floor(s / epoch_steps) < E`` (the final value from epoch E - 1 on).
+Weight decay and teacher momentum equal the reference code's (`utils.cosine_scheduler` without warm-up) as they are.
 After T every schedule holds its final value.
 """
 
@@ -53,6 +58,8 @@ def learning_rate(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
     decay = _cosine(peak, cfg.min_lr, (s - warm) / max(total - warm, 1))
     if warm == 0:
         return decay.float()
+    if cfg.lr_warmup == "official":  # np.linspace(0, peak, W) = i * (peak / (W - 1)); W = 1 gives [0]
+        return torch.where(s < warm, s * (peak / max(warm - 1, 1)), decay).float()
     return torch.where(s < warm, peak * s / warm, decay).float()
 
 
@@ -88,13 +95,27 @@ def teacher_momentum(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
 
 
 def teacher_temperature(cfg: DinoConfig, step: torch.Tensor | int) -> torch.Tensor:
-    """Linear warm-up of tau_t, then constant."""
+    """Linear warm-up of tau_t (per step, or per epoch as the reference code), then constant."""
     s = _as_step(step)
+    if cfg.teacher_temp_warmup == "per_epoch":
+        return _teacher_temperature_per_epoch(cfg, s)
     warm = cfg.warmup_teacher_temp_epochs * cfg.schedule_epoch_steps
     if warm <= 0:
         return (torch.zeros_like(s) + cfg.teacher_temp).float()  # + also takes a tensor (fdino.batched)
     ramp = cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * (s / warm).clamp(max=1.0)
     return ramp.float()
+
+
+def _teacher_temperature_per_epoch(cfg: DinoConfig, s: torch.Tensor) -> torch.Tensor:
+    """The reference code's ``concat(linspace(warmup_teacher_temp, teacher_temp, E), [teacher_temp] * ...)[epoch]``
+    (DINOLoss in main_dino.py) with ``E = warmup_teacher_temp_epochs`` (whole, validated by the config)."""
+    n_warm = int(cfg.warmup_teacher_temp_epochs)
+    if n_warm <= 0:
+        return (torch.zeros_like(s) + cfg.teacher_temp).float()
+    epoch = torch.floor(s / cfg.schedule_epoch_steps)
+    # numpy's order of operations (i * step + start), and its exact endpoint at epoch E - 1 (E = 1: [start]).
+    ramp = epoch * ((cfg.teacher_temp - cfg.warmup_teacher_temp) / max(n_warm - 1, 1)) + cfg.warmup_teacher_temp
+    return torch.where(epoch < max(n_warm - 1, 1), ramp, torch.zeros_like(ramp) + cfg.teacher_temp).float()
 
 
 def freeze_last_layer_steps(cfg: DinoConfig) -> int:

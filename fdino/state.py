@@ -1,8 +1,9 @@
 """`TrainState`: the one explicit state of a DINO run, as a pytree.
 
 Everything that changes during training is here and nowhere else: student parameters and
-buffers, teacher parameters and buffers, AdamW moments and step counts, the center, the step and
-the RNG stream. The config is static metadata (the pytree context), not a leaf.
+buffers, teacher parameters and buffers, the optimizer's state (AdamW moments and step counts, or
+SGD / LARS momentum buffers), the center, the step and the RNG stream. The config is static
+metadata (the pytree context), not a leaf.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.utils._pytree as pytree
 
 from .config import DinoConfig
 from .models import create_network, split_params_and_buffers
-from .optim import AdamWState, init_adamw
+from .optim import OptimizerState, init_optimizer
 
 Tree = dict[str, torch.Tensor]
 
@@ -28,7 +29,8 @@ class TrainState:
         cfg: the run's `DinoConfig` (static).
         student, student_buffers: trainable parameters and buffers (e.g. BatchNorm statistics).
         teacher, teacher_buffers: the EMA teacher (same keys as the student).
-        opt: AdamW moments and per-parameter step counts for ``student``.
+        opt: the state of ``cfg.optimizer`` for ``student``: `AdamWState` (moments and per-parameter step
+            counts) for 'adamw', `MomentumState` (momentum buffers) for 'sgd' and 'lars'.
         center: ``[K]`` fp32 running center of the teacher logits.
         step: 0-d int64, optimizer steps taken; every schedule is a function of it.
         rng: ``[2]`` int64 on the CPU: (seed, draws). The step's randomness (stochastic depth)
@@ -40,7 +42,7 @@ class TrainState:
     student_buffers: Tree
     teacher: Tree
     teacher_buffers: Tree
-    opt: AdamWState
+    opt: OptimizerState
     center: torch.Tensor
     step: torch.Tensor
     rng: torch.Tensor
@@ -98,7 +100,7 @@ def init_state(cfg: DinoConfig, seed: int | None = None, device: str | torch.dev
         student_buffers=student_buffers,
         teacher=teacher,
         teacher_buffers=teacher_buffers,
-        opt=init_adamw(student),
+        opt=init_optimizer(cfg.optimizer, student),
         center=torch.zeros(cfg.out_dim, dtype=torch.float32, device=device),
         step=torch.zeros((), dtype=torch.int64, device=device),
         rng=torch.tensor([seed, 0], dtype=torch.int64),

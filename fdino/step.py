@@ -8,7 +8,7 @@
 2. teacher forward on the global crops (no gradient), student forward on all crops, both through
    `torch.func.functional_call` on stateless templates; crops of one resolution share a call;
 3. loss and gradients with `torch.func.grad_and_value` (the loss returns the batch center too);
-4. per-parameter gradient clipping, AdamW, last-layer freezing;
+4. per-parameter gradient clipping, the optimizer (AdamW, SGD or LARS), last-layer freezing;
 5. teacher EMA (one `_foreach_lerp_`), then the center EMA with the batch center (`update_center_`);
    the ablations of `DinoConfig.teacher_update` and ``centering="none"`` change only the momentum
    schedule and skip the center EMA (the teacher then subtracts 0). DINOv2's options (``centering=
@@ -43,7 +43,7 @@ from .ema import ema_update_
 from .loss import update_center_
 from .models import fused_attention_pays, is_last_layer, is_regularized, network_template
 from .objective import step_diagnostics, student_objective, teacher_targets, wants_features
-from .optim import adamw_, adamw_frozen_aware_, clip_grads_per_param_
+from .optim import clip_grads_per_param_, optimizer_update_
 from .precision import resolve_precision
 from .sinkhorn import AllReduceSum
 from .state import TrainState
@@ -70,6 +70,7 @@ SCHEDULE_FIELDS = (
     "lr",
     "min_lr",
     "warmup_epochs",
+    "lr_warmup",
     "weight_decay",
     "weight_decay_end",
     "teacher_momentum",
@@ -78,6 +79,7 @@ SCHEDULE_FIELDS = (
     "warmup_teacher_temp",
     "teacher_temp",
     "warmup_teacher_temp_epochs",
+    "teacher_temp_warmup",
 )
 _DEFAULTS = DinoConfig()
 
@@ -193,27 +195,26 @@ def loss_center(cfg: DinoConfig, state: TrainState) -> torch.Tensor:
 def apply_update(
     cfg: DinoConfig, state: TrainState, grads: Tree, batch_center: torch.Tensor, sched: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Clip, AdamW, teacher EMA and center EMA, all in place on ``state``; returns metrics."""
+    """Clip, optimizer step (``cfg.optimizer``), teacher EMA and center EMA, in place on ``state``; returns metrics."""
     names = list(state.student)
     grad_list = [grads[k] for k in names]
     grad_norm = clip_grads_per_param_(grad_list, cfg.clip_grad)
     # The last layer is its own group only when it can be frozen (a static property of the config).
     last = [k for k in names if cfg.freeze_last_layer > 0 and is_last_layer(k)]
     rest = [k for k in names if k not in last]
-    common = dict(lr=sched["lr"], wd=sched["wd"], betas=cfg.adam_betas, eps=cfg.adam_eps)
-    for frozen_group, group in ((False, rest), (True, last)):
-        args = (
-            [state.student[k] for k in group],
-            [grads[k] for k in group],
-            [state.opt.exp_avg[k] for k in group],
-            [state.opt.exp_avg_sq[k] for k in group],
-            [state.opt.count[k] for k in group],
+    for frozen, group in ((None, rest), (sched["last_layer_frozen"], last)):
+        decay = [is_regularized(k, state.student[k]) for k in group]
+        optimizer_update_(
+            cfg,
+            state.opt,
+            state.student,
+            grads,
+            group,
+            lr=sched["lr"],
+            wd=sched["wd"],
+            regularized=decay,
+            frozen=frozen,
         )
-        regularized = [is_regularized(k, state.student[k]) for k in group]
-        if frozen_group:
-            adamw_frozen_aware_(*args, frozen=sched["last_layer_frozen"], regularized=regularized, **common)
-        else:
-            adamw_(*args, regularized=regularized, **common)
     # Every teacher_update mode is this EMA with its own momentum schedule (0 copies, 1 keeps).
     ema_update_([state.teacher[k] for k in names], [state.student[k] for k in names], sched["momentum"])
     if cfg.centering in ("ema", "sinkhorn"):  # sinkhorn: unused by the loss, kept as a diagnostic

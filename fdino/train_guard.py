@@ -49,8 +49,7 @@ def nonfinite_parts(state: TrainState) -> list[str]:
         "teacher": state.teacher,
         "student_buffers": state.student_buffers,
         "teacher_buffers": state.teacher_buffers,
-        "opt.exp_avg": state.opt.exp_avg,
-        "opt.exp_avg_sq": state.opt.exp_avg_sq,
+        **{f"opt.{field}": tree for field, tree in state.opt._asdict().items() if field != "count"},
         "center": {"center": state.center},
     }
     bad = []

@@ -1,9 +1,10 @@
 """A classic imperative DINO step, structured like the paper's reference training loop.
 
 Written independently of fdino's step for the equivalence tests: nn.Module student and teacher,
-`torch.optim.AdamW` with two parameter groups, a per-pair Python loop for the loss, per-parameter
-gradient clipping, last-layer gradients set to None while frozen, and a per-parameter EMA loop.
-Schedules are evaluated with Python floats from their closed forms.
+`torch.optim.AdamW` (or, per ``cfg.optimizer``, `torch.optim.SGD` with momentum, or `ReferenceLARS`)
+with two parameter groups, a per-pair Python loop for the loss, per-parameter gradient clipping,
+last-layer gradients set to None while frozen, and a per-parameter EMA loop. Schedules are evaluated
+with Python floats from their closed forms.
 """
 
 from __future__ import annotations
@@ -15,6 +16,31 @@ import torch.nn.functional as F
 
 from fdino import DinoConfig
 from fdino.models import create_network
+
+
+class ReferenceLARS(torch.optim.Optimizer):
+    """LARS written from its equations, one parameter at a time (as the reference code's utils.LARS):
+    d = g + wd p and d *= eta ||p|| / ||d|| (when both norms > 0) for ndim > 1; mu = m mu + d; p -= lr mu."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.clone()
+                if p.ndim > 1:
+                    d = d + group["weight_decay"] * p
+                    p_norm, d_norm = float(p.norm()), float(d.norm())
+                    if p_norm > 0 and d_norm > 0:
+                        d = d * (group["eta"] * p_norm / d_norm)
+                state = self.state[p]
+                mu = state.setdefault("mu", torch.zeros_like(p))
+                mu.mul_(group["momentum"]).add_(d)
+                p.sub_(group["lr"] * mu)
 
 
 def _cosine(start, end, progress):
@@ -35,12 +61,13 @@ class ClassicDino:
         regularized, not_regularized = [], []
         for name, p in self.student.named_parameters():
             (not_regularized if name.endswith(".bias") or p.ndim == 1 else regularized).append(p)
-        self.opt = torch.optim.AdamW(
-            [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}],
-            lr=0.0,
-            betas=cfg.adam_betas,
-            eps=cfg.adam_eps,
-        )
+        groups = [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+        if cfg.optimizer == "sgd":  # main_dino.py: torch.optim.SGD(params_groups, lr=0, momentum=0.9)
+            self.opt = torch.optim.SGD(groups, lr=0.0, momentum=cfg.optimizer_momentum)
+        elif cfg.optimizer == "lars":
+            self.opt = ReferenceLARS(groups, momentum=cfg.optimizer_momentum)
+        else:
+            self.opt = torch.optim.AdamW(groups, lr=0.0, betas=cfg.adam_betas, eps=cfg.adam_eps)
         self.center = torch.zeros(1, cfg.out_dim)
         self.it = 0
 
@@ -48,7 +75,8 @@ class ClassicDino:
         cfg, s = self.cfg, self.it
         total, warm = cfg.total_steps, round(cfg.warmup_epochs * cfg.steps_per_epoch)
         peak = cfg.lr * cfg.batch_size / 256
-        lr = peak * s / warm if s < warm else _cosine(peak, cfg.min_lr, (s - warm) / max(total - warm, 1))
+        ramp_end = max(warm - 1, 1) if cfg.lr_warmup == "official" else warm  # np.linspace(0, peak, W) or s / W
+        lr = peak * s / ramp_end if s < warm else _cosine(peak, cfg.min_lr, (s - warm) / max(total - warm, 1))
         wd = _cosine(cfg.weight_decay, cfg.weight_decay_end, s / total)
         m = _cosine(cfg.teacher_momentum, cfg.teacher_momentum_end, s / total)
         t_warm = cfg.warmup_teacher_temp_epochs * cfg.steps_per_epoch
@@ -57,6 +85,10 @@ class ClassicDino:
             if t_warm <= 0
             else (cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * min(s / t_warm, 1.0))
         )
+        if cfg.teacher_temp_warmup == "per_epoch" and t_warm > 0:  # DINOLoss's table, indexed by epoch
+            n, epoch = int(cfg.warmup_teacher_temp_epochs), s // cfg.steps_per_epoch
+            ramp = cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * epoch / max(n - 1, 1)
+            tt = ramp if epoch < max(n - 1, 1) else cfg.teacher_temp
         return lr, wd, m, tt
 
     def loss(self, student_out, teacher_out, teacher_temp):

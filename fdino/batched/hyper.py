@@ -60,6 +60,11 @@ def unbatchable(cfg: DinoConfig) -> str | None:
             "the batched (vmapped) step does not run DINOv2's centering='sinkhorn' or koleo_weight > 0 (only the "
             "single-run step does); run these variants unbatched (fdino sweep --batched off, or one train_step each)"
         )
+    if cfg.optimizer != "adamw":
+        return (
+            f"the batched (vmapped) step stacks AdamW states only, not optimizer={cfg.optimizer!r}; run these "
+            "variants unbatched (fdino sweep --batched off, or one train_step each)"
+        )
     if cfg.grad_accum_steps != 1 or cfg.grad_checkpointing:
         return (
             "batched variants train with grad_accum_steps=1 and grad_checkpointing=False (micro-batches and "

@@ -66,6 +66,11 @@ def stack_states(states: Sequence[TrainState]) -> BatchedState:
     if not states:
         raise ValueError("stack_states needs at least one TrainState")
     first = states[0]
+    if first.cfg.optimizer != "adamw":
+        raise ValueError(
+            f"batched variants train with optimizer='adamw' (the stacked update is AdamW), not "
+            f"{first.cfg.optimizer!r}; run these variants one after another (fdino.train_step)"
+        )
     for i, s in enumerate(states[1:], 1):
         fields = differing_fields(first.cfg, s.cfg)
         if fields:
