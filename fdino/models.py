@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DinoConfig
+from .sync_batchnorm import use_synced_batchnorm_
 
 
 class WeightNormLinear(nn.Module):
@@ -170,9 +171,13 @@ def network_template(cfg: DinoConfig, *, teacher: bool, fused_attention: bool = 
     The student template has the configured stochastic depth; the teacher template has none and
     computes its logits in fp32, as in the paper's reference code. ``fused_attention=False`` makes
     ViT blocks form the attention matrix explicitly (see `fused_attention_pays`); same math.
+    With ``cfg.sync_batchnorm`` its BatchNorm layers are `fdino.sync_batchnorm` classes (plain BatchNorm
+    outside a data-parallel step).
     """
     with torch.device("meta"):
         module = create_network(cfg, teacher=teacher)
+    # Same parameters and buffers; the statistics span workers only inside a data-parallel step.
+    module.unsynced_batchnorm = tuple(use_synced_batchnorm_(module)) if cfg.sync_batchnorm else ()
     if not fused_attention:
         for sub in module.modules():
             if hasattr(sub, "fused_attn"):  # timm's Attention: q @ k^T, softmax, @ v instead of SDPA

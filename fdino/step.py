@@ -44,6 +44,7 @@ from .models import fused_attention_pays, is_last_layer, is_regularized, network
 from .optim import adamw_, adamw_frozen_aware_, clip_grads_per_param_
 from .precision import resolve_precision
 from .state import TrainState
+from .sync_batchnorm import step_batchnorm_sync
 
 Tree = dict[str, torch.Tensor]
 # Reduces (sums or averages) tensors across data-parallel workers in place; see fdino.distributed.
@@ -351,12 +352,13 @@ def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, w
     sched = step_schedules(state.cfg, state.step)
     cfg = graph_config(state.cfg)
     crops, nets = list(batch), networks(cfg, state.device)
-    with step_rng(state.rng, state.device):
+    with step_rng(state.rng, state.device), step_batchnorm_sync(cfg, nets, reducer) as bn_synced:
         if cfg.grad_accum_steps == 1 and reducer is None:
             full = _compiled(cfg, "full") if compiled else _full_step
             metrics = full(cfg, nets, state, crops, sched)
         else:
-            grad_fn = _compiled(cfg, "grads") if compiled else micro_grads
+            # Synced BatchNorm's collectives run eagerly (they are not traced into the compiled graph).
+            grad_fn = _compiled(cfg, "grads") if compiled and not bn_synced else micro_grads
             update_fn = _compiled(cfg, "update") if compiled else apply_update
             metrics = _accumulated_step(cfg, nets, state, crops, sched, grad_fn, update_fn, reducer)
     sched.pop("last_layer_frozen")
