@@ -123,6 +123,8 @@ def payload_digest(payload: dict[str, Any]) -> str:
             h.update(f"{prefix}={json.dumps(value, sort_keys=True, default=repr)}".encode())
 
     visit("state", payload["state"])
+    if payload.get("probe") is not None:  # the online linear probe (fdino.train_probe); absent: digest as before
+        visit("probe", payload["probe"])
     h.update(json.dumps([payload.get("loop", {}), payload.get("run")], sort_keys=True, default=repr).encode())
     return h.hexdigest()
 
@@ -134,18 +136,22 @@ def save_checkpoint(
     *,
     keep: int = 3,
     run_meta: dict[str, Any] | None = None,
+    probe: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``ckpt-<step>.pt`` atomically, then keep only the newest ``keep`` checkpoints.
 
     ``loop`` holds the training loop's position and host-side state (epoch, batch index, data
     seed, counters): plain Python values and tensors only. ``run_meta``: the run.json to keep a copy
-    of. A failed write raises `CheckpointWriteError` and deletes nothing.
+    of. ``probe``: the online linear probe's tensors (`fdino.train_probe`), saved only when given.
+    A failed write raises `CheckpointWriteError` and deletes nothing.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     step = int(state.step)
     path = checkpoint_path(run_dir, step)
     payload = {"format": FORMAT, "state": state_to_dict(state), "loop": dict(loop or {}), "run": run_meta}
+    if probe is not None:
+        payload["probe"] = probe
     payload["sha256"] = payload_digest(payload)
     atomic_torch_save(payload, path)
     if keep > 0:

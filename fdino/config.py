@@ -170,6 +170,8 @@ class DinoConfig:
     """'fp32'; 'bf16' autocast for the forwards (teacher logits, center, loss stay fp32); 'auto': bf16 where fast."""
     grad_checkpointing: bool = False
     """Recompute backbone blocks in the backward pass to save activation memory."""
+    sync_batchnorm: bool = True
+    """Data parallelism: BatchNorm statistics over all workers' images (as SyncBatchNorm); no effect on ViTs."""
     seed: int = 0
     """Seed of parameter initialization and of the step's RNG stream."""
 
@@ -384,6 +386,8 @@ def _validate(cfg: DinoConfig) -> None:
     if cfg.precision not in PRECISIONS:
         _fail("precision", cfg.precision, f"one of {PRECISIONS}")
     _check_int(cfg, "seed", 0, 2**63 - 1)
+    if not isinstance(cfg.sync_batchnorm, bool):
+        _fail("sync_batchnorm", cfg.sync_batchnorm, "True or False")
 
 
 def config_fields() -> list[dataclasses.Field]:

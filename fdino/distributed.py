@@ -8,8 +8,9 @@ averaged gradient of the per-worker mean losses is the gradient of the global me
 workers compute the same update as one process with the whole batch.
 
 Launch with torchrun (one node or many): ``torchrun --nproc_per_node N -m fdino train ...``.
-NCCL on CUDA, gloo on CPU. BatchNorm layers use per-worker batch statistics (no SyncBatchNorm),
-so only networks without BatchNorm (ViTs) are exactly equivalent to one process.
+NCCL on CUDA, gloo on CPU. BatchNorm statistics span all workers when ``DinoConfig.sync_batchnorm``
+is on (the default; `fdino.sync_batchnorm`, summed by `MeanReducer.sum_across_workers`), so ResNets too
+compute what one process with the whole batch would; with it off each worker normalizes its own images.
 """
 
 from __future__ import annotations
@@ -88,25 +89,58 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.
     return buckets
 
 
-def mean_reducer(group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
-    """A reducer averaging tensors across the group in place, one all-reduce per bucket.
+class _SumAcrossWorkers(torch.autograd.Function):
+    """all_reduce(SUM) with its adjoint: the backward sums the cotangents across workers too
+    (forward + setup_context, so it also runs under torch.func transforms)."""
+
+    @staticmethod
+    def forward(tensor: torch.Tensor, group) -> torch.Tensor:
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class MeanReducer:
+    """Averages tensors across the group in place, one all-reduce per bucket (call it with a list).
 
     Tensors are flattened into buckets of up to ``bucket_bytes`` (not one collective per
     parameter), summed with all_reduce, divided by the world size and copied back.
+    `sum_across_workers` is the differentiable sum synced BatchNorm layers take their statistics with.
     """
 
-    def reduce_(tensors: list[torch.Tensor]) -> None:
-        world = dist.get_world_size(group)
-        for bucket in _buckets(tensors, bucket_bytes):
+    def __init__(self, group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        self.group = group
+        self.bucket_bytes = bucket_bytes
+
+    def __call__(self, tensors: list[torch.Tensor]) -> None:
+        world = dist.get_world_size(self.group)
+        for bucket in _buckets(tensors, self.bucket_bytes):
             flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.all_reduce(flat, group=group)
+            dist.all_reduce(flat, group=self.group)
             flat.div_(world)
             offset = 0
             for t in bucket:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
-    return reduce_
+    def sum_across_workers(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A new tensor: ``tensor`` summed over the group's workers; gradients flow to every worker's input."""
+        return _SumAcrossWorkers.apply(tensor, self.group)
+
+
+def mean_reducer(group=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> MeanReducer:
+    """The reducer `train_step` takes for data parallelism over ``group`` (default: the whole job)."""
+    return MeanReducer(group, bucket_bytes)
 
 
 def summing(reducer, world_size: int):

@@ -18,10 +18,12 @@ COLLAPSE_READINGS = 3
 
 @dataclass(frozen=True, kw_only=True)
 class KnnReading:
-    """The teacher's weighted k-NN top-1 (%) after ``step`` optimizer steps."""
+    """The teacher's weighted k-NN top-1 (%) after ``step`` optimizer steps, and the online linear probe's."""
 
     step: int
     top1: float
+    probe_top1: float | None = None
+    """Held-out top-1 (%) of the online linear probe on the same queries (None: no probe)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,10 +69,11 @@ class LoopState:
     def after_step(self, *, images: int) -> LoopState:
         return dataclasses.replace(self, step=self.step + 1, images=self.images + images)
 
-    def with_knn(self, step: int, top1: float) -> LoopState:
-        """Record a k-NN reading; a second reading at the same step replaces the first."""
+    def with_knn(self, step: int, top1: float, probe_top1: float | None = None) -> LoopState:
+        """Record a k-NN reading (and the probe's); a second reading at the same step replaces the first."""
         kept = tuple(r for r in self.knn_history if r.step != step)
-        return dataclasses.replace(self, knn_history=(*kept, KnnReading(step=step, top1=top1)))
+        reading = KnnReading(step=step, top1=top1, probe_top1=probe_top1)
+        return dataclasses.replace(self, knn_history=(*kept, reading))
 
     def with_collapse_reading(self, message: str | None) -> tuple[LoopState, bool]:
         """Count a metric reading (``message`` when it shows collapse); True: warn now (once per run)."""
@@ -88,7 +91,7 @@ class LoopState:
             "batch": self.batch,
             "images": self.images,
             "elapsed": self.elapsed,
-            "history": [{"step": r.step, "knn_top1": r.top1} for r in self.knn_history],
+            "history": [knn_record(r) for r in self.knn_history],
             "knn_init": self.knn_init,
             "knn_raw_pixels": self.knn_raw_pixels,
             "skipped_batches": self.skipped_batches,
@@ -114,7 +117,8 @@ class LoopState:
             images=int(data.get("images", 0)),
             elapsed=float(data.get("elapsed", 0.0)),
             knn_history=tuple(
-                KnnReading(step=int(h["step"]), top1=float(h["knn_top1"])) for h in data.get("history", ())
+                KnnReading(step=int(h["step"]), top1=float(h["knn_top1"]), probe_top1=h.get("probe_top1"))
+                for h in data.get("history", ())
             ),
             knn_init=data.get("knn_init"),
             knn_raw_pixels=data.get("knn_raw_pixels"),
@@ -130,6 +134,14 @@ class LoopState:
                 f"{loop.batch}: the data set or the batch size changed since it was written"
             )
         return loop
+
+
+def knn_record(reading: KnnReading) -> dict[str, Any]:
+    """A reading as plain values (checkpoints, summary.json); ``probe_top1`` only when a probe ran."""
+    record: dict[str, Any] = {"step": reading.step, "knn_top1": reading.top1}
+    if reading.probe_top1 is not None:
+        record["probe_top1"] = reading.probe_top1
+    return record
 
 
 _CHECKPOINT_KEYS = (

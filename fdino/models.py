@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DinoConfig
+from .sync_batchnorm import use_synced_batchnorm_
 
 
 class _LogitLayer(nn.Module):
@@ -227,10 +228,14 @@ def network_template(
     ``channels_last`` feeds a convolutional backbone NHWC crops: oneDNN's bf16 convolutions are
     about 1.4x faster that way on the CPU (bench/results/cpu-speed.md). Not under vmap (the batched
     step), which cannot query memory formats. The state's tensors keep their layout either way.
+    With ``cfg.sync_batchnorm`` its BatchNorm layers are `fdino.sync_batchnorm` classes (plain BatchNorm
+    outside a data-parallel step).
     """
     with torch.device("meta"):
         module = create_network(cfg, teacher=teacher)
     module.channels_last = channels_last and not is_vit(module.backbone)
+    # Same parameters and buffers; the statistics span workers only inside a data-parallel step.
+    module.unsynced_batchnorm = tuple(use_synced_batchnorm_(module)) if cfg.sync_batchnorm else ()
     if not fused_attention:
         for sub in module.modules():
             if hasattr(sub, "fused_attn"):  # timm's Attention: q @ k^T, softmax, @ v instead of SDPA

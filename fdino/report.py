@@ -160,6 +160,10 @@ def knn_figure(summary: dict[str, Any]) -> bytes:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     history = summary["knn_history"]
     ax.plot([h["step"] for h in history], [h["knn_top1"] for h in history], "o-", color="tab:green", label="teacher")
+    probe = [h for h in history if h.get("probe_top1") is not None]
+    if probe:
+        steps, top1 = [h["step"] for h in probe], [h["probe_top1"] for h in probe]
+        ax.plot(steps, top1, "s-", color="tab:purple", label="online linear probe (held-out)")
     for key, label, color in (
         ("knn_top1_raw_pixels", "raw pixels", "tab:gray"),
         ("knn_top1_init", "network at init", "tab:red"),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DinoConfig
-from .loop_state import LoopState, StepTimer
+from .loop_state import LoopState, StepTimer, knn_record
 from .trackers import Tracker
 
 
@@ -84,7 +84,8 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def save_curves(run_dir: Path, history: list[dict[str, Any]], records: list[dict[str, Any]]) -> Path:
-    """loss (left) and k-NN top-1 (right) against the step, as curves.png."""
+    """loss (left) and k-NN top-1 (right) against the step, as curves.png; with an online linear probe, its
+    held-out top-1 at the evaluations and its running training top-1 at the log steps join the k-NN."""
     import matplotlib  # noqa: PLC0415  (slow import, only when plotting)
 
     matplotlib.use("Agg")
@@ -100,9 +101,15 @@ def save_curves(run_dir: Path, history: list[dict[str, Any]], records: list[dict
     ax_loss.set_title("training loss")
     if history:
         ax_knn.plot([h["step"] for h in history], [h["knn_top1"] for h in history], "o-", color="tab:green")
+    probe = [h for h in history if h.get("probe_top1") is not None]
+    train_probe = [s for s in steps if by_step[s].get("probe_train_top1") is not None]
+    if probe or train_probe:
+        ax_knn.plot([h["step"] for h in probe], [h["probe_top1"] for h in probe], "s-", color="tab:purple")
+        ax_knn.plot(train_probe, [by_step[s]["probe_train_top1"] for s in train_probe], ":", color="tab:purple")
+        ax_knn.legend(["k-NN (held-out)", "linear probe (held-out)", "linear probe (training, running)"], fontsize=7)
     ax_knn.set_xlabel("step")
-    ax_knn.set_ylabel("k-NN top-1 (%)")
-    ax_knn.set_title("teacher k-NN")
+    ax_knn.set_ylabel("top-1 (%)" if probe or train_probe else "k-NN top-1 (%)")
+    ax_knn.set_title("teacher k-NN and online linear probe" if probe or train_probe else "teacher k-NN")
     fig.tight_layout()
     path = run_dir / "curves.png"
     fig.savefig(path, dpi=100)
@@ -163,7 +170,7 @@ def finish_report(
     ``knn_queries``: held-out images of the k-NN evaluation (None: none ran; then the k-NN keys are
     absent), whose final reading is the last of ``loop.knn_history``.
     """
-    history = [{"step": r.step, "knn_top1": r.top1} for r in loop.knn_history]
+    history = [knn_record(r) for r in loop.knn_history]
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "data": opts.data,
@@ -189,6 +196,8 @@ def finish_report(
             knn_split=knn_split,
             knn_history=history,
         )
+        if history[-1].get("probe_top1") is not None:
+            summary["probe_top1"] = history[-1]["probe_top1"]
     summary["curves"] = str(save_curves(run_dir, history, read_metrics(run_dir)))
     summary["attention"] = str(attention) if attention else None
     summary.update(snapshot_files(run_dir))
@@ -214,6 +223,8 @@ def format_summary(summary: dict[str, Any], skipped: dict[str, str]) -> str:
             f"teacher {summary['knn_top1_teacher']:.2f}% | "
             f"same network at init {summary['knn_top1_init']:.2f}% | raw pixels {summary['knn_top1_raw_pixels']:.2f}%"
         )
+    if summary.get("probe_top1") is not None:
+        lines.append(f"  online linear probe top-1 on the same held-out images: {summary['probe_top1']:.2f}%")
     if summary.get("budget"):
         b = summary["budget"]
         lines.append(

@@ -47,6 +47,7 @@ from .optim import clip_grads_per_param_, optimizer_update_
 from .precision import resolve_precision
 from .sinkhorn import AllReduceSum
 from .state import TrainState
+from .sync_batchnorm import step_batchnorm_sync
 
 Tree = dict[str, torch.Tensor]
 # Reduces (sums or averages) tensors across data-parallel workers in place; see fdino.distributed.
@@ -351,12 +352,13 @@ def _run(state: TrainState, batch, *, compiled: bool, reducer: Reducer | None, w
     sched = step_schedules(state.cfg, state.step)
     cfg = graph_config(state.cfg)
     crops, nets = list(batch), networks(cfg, state.device)
-    with step_rng(state.rng, state.device):
+    with step_rng(state.rng, state.device), step_batchnorm_sync(cfg, nets, reducer) as bn_synced:
         if cfg.grad_accum_steps == 1 and reducer is None:
             full = _compiled(cfg, "full") if compiled else _full_step
             metrics = full(cfg, nets, state, crops, sched)
         else:
-            grad_fn = _compiled(cfg, "grads") if compiled else micro_grads
+            # Synced BatchNorm's collectives run eagerly (they are not traced into the compiled graph).
+            grad_fn = _compiled(cfg, "grads") if compiled and not bn_synced else micro_grads
             if reducer is not None and cfg.centering == "sinkhorn":
                 # Sinkhorn's sums across workers run inside the gradient function: eager (collectives are not
                 # traced into the compiled graph); the update stays compiled.

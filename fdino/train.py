@@ -50,6 +50,7 @@ from .train_guard import (  # noqa: F401 (NonFiniteLossError, params_finite: API
     save_checked,
 )
 from .train_options import RESUMABLE_OVERRIDES, TrainOptions, resolve_device
+from .train_probe import OnlineProbe
 from .weights.start import start_from_weights
 
 
@@ -166,6 +167,7 @@ def _train_process(
 
     # --- state ---------------------------------------------------------------------------------------
     new_run = meta is None
+    saved_probe = None  # the online linear probe's tensors in the checkpoint resumed from
     budget = parse_budget(opts.budget) if new_run else None  # a resume keeps the length it was fitted to
     if new_run:
         # run.json records what ran: the precision 'auto' chose here, a step budget's length.
@@ -179,6 +181,7 @@ def _train_process(
         meta = {"config": cfg.to_dict(), "options": opts.to_dict(), "precision": precision}
     else:
         state, saved_loop, resume_from = ckpt.load_newest_valid(run_dir, device=device)
+        saved_probe = ckpt.read_payload(resume_from).get("probe")
         if state.cfg != rf.config_at(meta, int(state.step)).replace(steps_per_epoch=steps_per_epoch):
             raise ValueError(f"{resume_from} was written with another config than {run_dir / 'run.json'}")
         loop = LoopState.from_dict(saved_loop, steps_per_epoch=steps_per_epoch)
@@ -205,15 +208,17 @@ def _train_process(
         remove_snapshots(run_dir, after=loop.step)  # a killed run's past its checkpoint; this run redoes them
     evals = EvalSets.build(opts, cfg, device) if info.is_main else None
     knn_on = evals is not None and evals.labeled
+    probe = OnlineProbe.start(opts, evals, saved_probe, device) if info.is_main else None
 
     # --- evaluation at initialization ----------------------------------------------------------------
     init_snapshot = None  # its files are written now, its tracker records once the trackers exist
     eval_s = 0.0
     if knn_on and loop.knn_init is None:
         eval_started = time.perf_counter()
-        knn_init, init_snapshot = evaluate_and_snapshot(run_dir, evals, state, 0, opts)
+        knn_init, probe_init, init_snapshot = evaluate_and_snapshot(run_dir, evals, state, 0, opts, probe)
         eval_s = time.perf_counter() - eval_started
-        loop = dataclasses.replace(loop, knn_init=knn_init, knn_raw_pixels=evals.raw_pixel_knn()).with_knn(0, knn_init)
+        loop = dataclasses.replace(loop, knn_init=knn_init, knn_raw_pixels=evals.raw_pixel_knn())
+        loop = loop.with_knn(0, knn_init, probe_init)
 
     # --- a time budget: measure, then fix the schedule's length before the first real step -------------
     fit, deadline = None, None
@@ -246,7 +251,7 @@ def _train_process(
     bar = progress_bar(total, loop.step, enabled=opts.progress and info.is_main)
     last_values: dict[str, float] = {}
     try:
-        for _, epoch, crops, _labels in itertools.islice(loader.steps(loop.data_position), max(total - loop.step, 0)):
+        for _, epoch, crops, labels in itertools.islice(loader.steps(loop.data_position), max(total - loop.step, 0)):
             crops = [c.to(device, non_blocking=True) for c in crops]
             step_started = time.perf_counter()
             state, metrics = step_fn(state, crops, reducer=reducer, world_size=info.world_size)
@@ -256,14 +261,19 @@ def _train_process(
             loop = loop.after_step(images=cfg.batch_size)
             step = loop.step
             bar.update(1)
+            if probe is not None:  # its own update on the detached teacher; DINO's state is only read
+                probe.after_step(step, state, crops, labels)
             if step % opts.log_every == 0 or step == total:
                 last_values = read_step_metrics(metrics, step, run_dir)
+                last_values.update(probe.reading() if probe is not None else {})
                 loop = log_reading(last_values, step, epoch, cfg, loop, timer, log, bar)
             if knn_on and opts.eval_every and step % opts.eval_every == 0:
-                top1, snapshot = evaluate_and_snapshot(run_dir, evals, state, step, opts)
-                loop = loop.with_knn(step, top1)
+                top1, probe_top1, snapshot = evaluate_and_snapshot(run_dir, evals, state, step, opts, probe)
+                loop = loop.with_knn(step, top1, probe_top1)
                 log.snapshot(snapshot)
                 log.scalar("knn/top1", loop.knn_history[-1].top1, step)
+                if probe_top1 is not None:
+                    log.scalar("probe/top1", probe_top1, step)
                 bar.write(f"step {step}: teacher {opts.knn_k}-NN top-1 {loop.knn_history[-1].top1:.2f}%")
             late = (opts.max_minutes > 0 and timer.seconds() > 60 * opts.max_minutes) or (
                 deadline is not None and time.perf_counter() > deadline
@@ -272,7 +282,10 @@ def _train_process(
             if step % opts.ckpt_every == 0 or step == total or out_of_time:
                 loop = dataclasses.replace(loop, elapsed=elapsed_before + timer.seconds())
                 if info.is_main:
-                    save_checked(run_dir, state, metrics, loop, keep=opts.keep_checkpoints, run_meta=meta)
+                    save_checked(
+                        run_dir, state, metrics, loop, keep=opts.keep_checkpoints, run_meta=meta,
+                        probe=probe.to_dict() if probe is not None else None,
+                    )  # fmt: skip
                 else:  # the same checks on the same (all-reduced) values: every rank stops where rank 0 does
                     check_finite(state, metrics, loop.step, run_dir)
             if out_of_time:
@@ -289,8 +302,8 @@ def _train_process(
         return {}
     try:
         if knn_on and loop.step not in {r.step for r in loop.knn_history}:  # else the loop evaluated it already
-            top1, snapshot = evaluate_and_snapshot(run_dir, evals, state, loop.step, opts)
-            loop = loop.with_knn(loop.step, top1)
+            top1, probe_top1, snapshot = evaluate_and_snapshot(run_dir, evals, state, loop.step, opts, probe)
+            loop = loop.with_knn(loop.step, top1, probe_top1)
             log.snapshot(snapshot)
         attention = save_attention(run_dir, evals, state, opts.attention_images)
         summary = finish_report(

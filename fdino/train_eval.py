@@ -157,9 +157,11 @@ class Snapshot:
 
 
 def evaluate_and_snapshot(
-    run_dir: Path, evals: EvalSets, state: TrainState, step: int, opts
-) -> tuple[float, Snapshot | None]:
-    """The teacher's k-NN top-1 (%) at ``step``, plus its snapshot unless ``opts.embedding_snapshots`` is off.
+    run_dir: Path, evals: EvalSets, state: TrainState, step: int, opts, probe=None
+) -> tuple[float, float | None, Snapshot | None]:
+    """The teacher's k-NN top-1 (%) at ``step``, the online linear ``probe``'s top-1 (%) on the same held-out
+    query features (None without a probe, `fdino.train_probe.OnlineProbe`), and the snapshot unless
+    ``opts.embedding_snapshots`` is off.
 
     The snapshot reuses the features k-NN extracted (the backbone runs once per query) and writes
     ``embeddings/step-N.png`` (PCA), ``embeddings/tsne/step-N.png`` with ``opts.embedding_tsne``
@@ -168,8 +170,9 @@ def evaluate_and_snapshot(
     same step (a resumed run) rewrites the same files.
     """
     top1, queries, labels = knn_reading(evals, state)
+    probe_top1 = probe.held_out_top1(queries, labels) if probe is not None else None
     if not opts.embedding_snapshots:
-        return top1, None
+        return top1, probe_top1, None
     rows = evals.snapshot_rows
     features, labels = queries[rows], labels[rows]
     projections = [("pca", "PCA", pca, run_dir / "embeddings")]
@@ -186,7 +189,7 @@ def evaluate_and_snapshot(
         images["attention/teacher"] = attention
     names = [evals.classes[v] if 0 <= v < len(evals.classes) else str(v) for v in labels.tolist()]
     thumbnails = evals.thumbnails if "tensorboard" in opts.tracker_names else None
-    return top1, Snapshot(step, images, features, names, thumbnails)
+    return top1, probe_top1, Snapshot(step, images, features, names, thumbnails)
 
 
 def save_attention(

@@ -80,11 +80,12 @@ def save_checked(
     *,
     keep: int,
     run_meta: dict[str, Any],
+    probe: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Checkpoint (rank 0) a state whose loss and every part are finite; the first one of an ``--overwrite``
     run makes the replaced run go."""
     check_finite(state, metrics, loop.step, run_dir)
-    path = ckpt.save_checkpoint(run_dir, state, loop.to_dict(), keep=keep, run_meta=run_meta)
+    path = ckpt.save_checkpoint(run_dir, state, loop.to_dict(), keep=keep, run_meta=run_meta, probe=probe)
     if (run_dir / rf.REPLACED).exists():
         rf.discard_replaced(run_dir)
     return path

@@ -69,6 +69,12 @@ class TrainOptions:
     """Experiment trackers, comma-separated: tensorboard, mlflow (run_dir/mlruns), wandb (offline); 'none'."""
     progress: bool = True
     """Show a progress bar."""
+    linear_probe: bool = False
+    """Train a linear classifier on the teacher's detached features beside DINO (labeled data); its top-1 is logged."""
+    probe_lr: float = 1e-3
+    """AdamW learning rate of the online linear probe (its own optimizer; DINO's state is not touched)."""
+    probe_every: int = 1
+    """Steps between online linear probe updates (each costs one no-grad teacher forward of a global crop)."""
 
     def __post_init__(self) -> None:
         # Checked here, not mid-run: a bad value must fail before any compile or data work starts.
@@ -82,6 +88,7 @@ class TrainOptions:
             ("eval_samples", 0),
             ("max_steps", 0),
             ("attention_images", 0),
+            ("probe_every", 1),
         ):
             check_int(f"TrainOptions.{name}", getattr(self, name), lo=lo)
         if not isinstance(self.init_weights, str):
@@ -89,6 +96,7 @@ class TrainOptions:
                 f"TrainOptions.init_weights={self.init_weights!r} is invalid: give a model source as a path string"
             )
         check_real("TrainOptions.max_minutes", self.max_minutes, lo=0)  # 0: no limit
+        check_real("TrainOptions.probe_lr", self.probe_lr, lo=0, hi=10, lo_open=True)
         check_real("TrainOptions.dist_timeout_minutes", self.dist_timeout_minutes, lo=0.05)
         if self.device not in DEVICES:
             raise ValueError(f"TrainOptions.device={self.device!r} is invalid: choose one of {DEVICES}")
