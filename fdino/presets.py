@@ -5,7 +5,8 @@
   hyperparameters measured to learn within minutes on 2 CPU cores (see README, `make demo`).
 - `vit_small16`: the paper's ViT-S/16 recipe (ImageNet, 224/96 px, 2 + 10 crops, K = 65536).
 - `vit_base16`: the paper's ViT-B/16 recipe.
-- `resnet50`: the paper's ResNet-50 recipe (BN in the head, no last-layer norm, SGD-free AdamW variant).
+- `resnet50`: the reference code's ResNet-50 command (SGD, lr 0.03, weight decay 1e-4), exactly.
+- `resnet50_adamw`: fdino's earlier ResNet-50 variant (AdamW, BN in the head, no last-layer norm).
 """
 
 from __future__ import annotations
@@ -137,10 +138,59 @@ def vit_base16(**overrides) -> DinoConfig:
 
 
 def resnet50(**overrides) -> DinoConfig:
-    """The paper's ResNet-50 recipe: BN in the head, trainable last-layer norm, no weight-decay ramp.
+    """The reference code's ResNet-50 command, exactly: SGD, lr 0.03 x batch/256, weight decay 1e-4, crops 0.14/0.05.
 
-    Deviation: the reference trains ResNet-50 with LARS/SGD at lr 0.3; fdino uses AdamW throughout
-    (lr 5e-4 x batch/256 works for ResNet-50 per the reference code's AdamW default).
+    facebookresearch/dino README ("ResNet-50 and other convnets trainings", 8 GPUs, 100 epochs):
+    ``main_dino.py --arch resnet50 --optimizer sgd --lr 0.03 --weight_decay 1e-4 --weight_decay_end 1e-4
+    --global_crops_scale 0.14 1 --local_crops_scale 0.05 0.14``; every other setting is main_dino.py's
+    default (read in its argument parser): batch_size_per_gpu 64 on 8 GPUs = batch 512 (peak lr
+    0.03 x 512/256 = 0.06), out_dim 65536, use_bn_in_head False, norm_last_layer True, momentum_teacher
+    0.996, teacher temperature 0.04 with warmup_teacher_temp 0.04 over 0 epochs, clip_grad 3.0,
+    freeze_last_layer 1, warmup_epochs 10, min_lr 1e-6, 8 local crops, SGD momentum 0.9 (hard-coded
+    there), learning-rate warm-up ``np.linspace(0, peak, W)`` (``lr_warmup="official"``) and the teacher
+    temperature table per epoch. So this command has no BN in the head and keeps 65536 outputs (fdino's
+    earlier preset, now `resnet50_adamw`, had a BN head, K = 60000 and no last-layer norm: none of them
+    is in this command). The torchvision ResNet-50 there has no stochastic depth (rate 0 here).
+    Mixed precision: the reference's fp16 autocast is bf16 here (no loss scaling needed). With fewer
+    devices, keep ``batch_size`` (micro-batches: ``grad_accum_steps``) or let the lr scale with it.
+    """
+    cfg = DinoConfig(
+        arch="resnet50",
+        drop_path_rate=0.0,
+        out_dim=65536,
+        head_use_bn=False,
+        norm_last_layer=True,
+        n_local_crops=8,
+        global_crop_scale=(0.14, 1.0),
+        local_crop_scale=(0.05, 0.14),
+        teacher_temp=0.04,
+        warmup_teacher_temp=0.04,
+        warmup_teacher_temp_epochs=0.0,
+        teacher_temp_warmup="per_epoch",
+        teacher_momentum=0.996,
+        epochs=100,
+        batch_size=512,
+        optimizer="sgd",
+        optimizer_momentum=0.9,
+        lr=0.03,
+        min_lr=1e-6,
+        warmup_epochs=10.0,
+        lr_warmup="official",
+        weight_decay=1e-4,
+        weight_decay_end=1e-4,
+        clip_grad=3.0,
+        freeze_last_layer=1.0,
+        precision="bf16",
+    )
+    return cfg.replace(**overrides)
+
+
+def resnet50_adamw(**overrides) -> DinoConfig:
+    """fdino's AdamW ResNet-50 variant: BN in the head, trainable last-layer norm, no weight-decay ramp.
+
+    Not the reference code's ResNet-50 command (SGD; see `resnet50`): AdamW at lr 5e-4 x batch/256
+    (main_dino.py's AdamW default), a BN head with K = 60000, 6 local crops, teacher temperature warm-up
+    0.04 -> 0.07 over 50 epochs, weight decay 1e-6 and no clipping. Kept under this name unchanged.
     """
     cfg = DinoConfig(
         arch="resnet50",
@@ -172,6 +222,7 @@ PRESETS = {
     "vit_small16": vit_small16,
     "vit_base16": vit_base16,
     "resnet50": resnet50,
+    "resnet50_adamw": resnet50_adamw,
 }
 
 

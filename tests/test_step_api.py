@@ -139,4 +139,16 @@ def test_presets_build_valid_configs():
         cfg = fn()
         assert isinstance(cfg, fdino.DinoConfig), name
     assert presets.vit_small16().arch == "vit_small_patch16_224" and presets.vit_small16().out_dim == 65536
-    assert presets.resnet50().arch == "resnet50" and presets.resnet50().head_norm == "batchnorm"
+    # The reference code's ResNet-50 command (README of facebookresearch/dino) over main_dino.py's defaults.
+    rn50 = presets.resnet50()
+    assert (rn50.arch, rn50.optimizer, rn50.lr, rn50.weight_decay, rn50.weight_decay_end) == (
+        "resnet50",
+        "sgd",
+        0.03,
+        1e-4,
+        1e-4,
+    )
+    assert (rn50.global_crop_scale, rn50.local_crop_scale, rn50.n_local_crops) == ((0.14, 1.0), (0.05, 0.14), 8)
+    assert (rn50.out_dim, rn50.head_norm, rn50.norm_last_layer, rn50.batch_size) == (65536, "none", True, 512)
+    assert (rn50.lr_warmup, rn50.teacher_temp_warmup) == ("official", "per_epoch")
+    assert presets.resnet50_adamw().optimizer == "adamw" and presets.resnet50_adamw().head_norm == "batchnorm"
