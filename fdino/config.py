@@ -210,6 +210,8 @@ class DinoConfig:
 
     def replace(self, **changes: Any) -> DinoConfig:
         """A copy with some fields changed (validated again)."""
+        if changes.get("head_use_bn") is False and "head_norm" not in changes and self.head_norm == "batchnorm":
+            changes["head_norm"] = "none"  # the old spelling's "off" (it is stored False even when BN is on)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

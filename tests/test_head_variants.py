@@ -184,7 +184,8 @@ def test_head_use_bn_is_read_as_head_norm_batchnorm():
     assert DinoConfig.from_dict({**run_json, "head_use_bn": True}) == new
     assert DinoConfig.from_dict(run_json) == DinoConfig()
     assert new.replace(head_norm="layernorm").head_norm == "layernorm"  # the old flag does not hold it back
-    assert new.replace(head_norm="none") == DinoConfig()
+    assert new.replace(head_norm="none") == DinoConfig() == new.replace(head_use_bn=False)
+    assert DinoConfig(head_norm="layernorm").replace(head_use_bn=False).head_norm == "layernorm"
     torch.testing.assert_close(
         fdino.init_state(presets.smoke(head_use_bn=True), device="cpu").student,
         fdino.init_state(presets.smoke(head_norm="batchnorm"), device="cpu").student,

@@ -5,6 +5,7 @@
     loaded = load_model("weights.safetensors", arch="resnet50")        # any timm backbone
     loaded.backbone, loaded.image_size, loaded.mean, loaded.std, loaded.info, loaded.kind
     export_safetensors(loaded.backbone, "out/backbone.safetensors", loaded.info)   # load_model reads it back
+    state = start_from_weights(init_state(cfg), "runs/demo")            # fdino train --init-weights runs/demo
 
 One safe reader (`torch_load_safe`: weights only), one unwrapper (`unwrap_state_dict`), one
 builder (`build_timm_backbone`), one loader (`load_model`); `fdino.weights.cli_args` gives every
