@@ -335,6 +335,20 @@ def test_koleo_term_reads_the_students_global_crop_features_and_adds_its_weighte
     assert moved > 10
 
 
+def test_activation_checkpointing_path_gives_the_same_sinkhorn_koleo_gradients():
+    cfg = CFG.replace(centering="sinkhorn", koleo_weight=0.2)
+    state, crops = _setup(cfg, teacher_noise=0.02)
+    temp = torch.tensor(0.04)
+    grads, out = micro_grads(cfg, networks(cfg, state.device), state, crops, state.center, temp)
+    ckpt = cfg.replace(grad_checkpointing=True)
+    grads_ckpt, out_ckpt = micro_grads(ckpt, networks(ckpt, state.device), state, crops, state.center, temp)
+    assert set(out) == set(out_ckpt)
+    for name in out:
+        torch.testing.assert_close(out_ckpt[name], out[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_default_objective_has_the_old_metric_keys():
     state, crops = _setup(CFG)
     _, out = micro_grads(CFG, networks(CFG, state.device), state, crops, state.center, torch.tensor(0.04))
