@@ -110,7 +110,7 @@ class DinoConfig:
     # resume with "ema" starts from a warm center). Its loss takes probabilities, so it runs the reference loss:
     # the fused kernel computes the teacher softmax from logits and a center inside the kernel.
     centering: str = "ema"
-    """'ema' (paper), 'none' (center 0) or 'sinkhorn' (DINOv2 targets); no sharpening: teacher_temp == student_temp."""
+    """'ema' (paper), 'none' (center 0), 'sinkhorn' (DINOv2 targets); no sharpening is teacher_temp == student_temp."""
     sinkhorn_iterations: int = 3
     """Row/column normalization rounds of centering='sinkhorn' (DINOv2: 3)."""
     # KoLeo (DINOv2; Sablayrolles et al. 2019): -mean log(distance to the nearest neighbour) of the student's
