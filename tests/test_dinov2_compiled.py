@@ -1,5 +1,6 @@
-"""The compiled train_step with DINOv2's additions (centering="sinkhorn", koleo_weight > 0) equals the eager
-step over 2 steps and compiles to one graph. One compiled graph for the file (smoke preset)."""
+"""The compiled train_step with DINOv2's additions (centering="sinkhorn", koleo_weight > 0) and a head variant
+(LayerNorm, ReLU, plain last layer: fdino.models.DinoHead) equals the eager step over 2 steps and compiles to
+one graph. One compiled graph for the file (smoke preset)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ import fdino
 from fdino import presets
 
 # adam_eps and the learning rate as in test_step_compiled.py (why: see there); warm-up 0 so both steps move.
-CFG = presets.smoke(centering="sinkhorn", koleo_weight=0.1, lr=0.05, warmup_epochs=0.0, adam_eps=1e-5)
+CFG = presets.smoke(
+    centering="sinkhorn",
+    koleo_weight=0.1,
+    head_norm="layernorm",
+    head_activation="relu",
+    head_weight_norm=False,
+    norm_last_layer=False,
+    lr=0.05,
+    warmup_epochs=0.0,
+    adam_eps=1e-5,
+)
 N_STEPS = 2
 
 
