@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import fdino.step
+import fdino.objective
 from fdino import presets
 from fdino.checkpoint import load_checkpoint
 from fdino.config import DinoConfig
@@ -70,16 +70,16 @@ def nt_xent_loss(
 
 @contextlib.contextmanager
 def objective(name: str):
-    """The step reads `dino_loss` from its module at call time, so swapping it there swaps the objective."""
+    """The step's objective (`fdino.objective`) reads `dino_loss` from its module at call time: swap it there."""
     if name == "dino":
         yield
         return
-    original = fdino.step.dino_loss
-    fdino.step.dino_loss = nt_xent_loss
+    original = fdino.objective.dino_loss
+    fdino.objective.dino_loss = nt_xent_loss
     try:
         yield
     finally:
-        fdino.step.dino_loss = original
+        fdino.objective.dino_loss = original
 
 
 DIAGNOSTICS = ("teacher_entropy", "teacher_effective_dims", "kl", "loss")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import load_bench_module
 
-import fdino.step
+import fdino.objective
 from fdino import presets
 from fdino.loss import dino_loss
 
@@ -45,9 +45,9 @@ def test_contrastive_control_loss_is_nt_xent_on_the_two_global_crops(b, k, n_cro
 def test_objective_swap_is_undone_even_on_error():
     with pytest.raises(RuntimeError, match="inside"):
         with probe_module.objective("contrastive"):
-            assert fdino.step.dino_loss is probe_module.nt_xent_loss
+            assert fdino.objective.dino_loss is probe_module.nt_xent_loss
             raise RuntimeError("inside")
-    assert fdino.step.dino_loss is dino_loss
+    assert fdino.objective.dino_loss is dino_loss
 
 
 @pytest.mark.parametrize("objective", ["dino", "contrastive"])
@@ -64,4 +64,4 @@ def test_probe_runs_the_training_job_and_reads_all_four_numbers(objective, tmp_p
     out_dim = presets.small32_resnet().out_dim
     assert 0.0 < result["final"]["teacher_entropy"] <= math.log(out_dim) + 1e-3
     assert 1.0 <= result["final"]["teacher_effective_dims"] <= out_dim + 1e-3
-    assert fdino.step.dino_loss is dino_loss
+    assert fdino.objective.dino_loss is dino_loss
