@@ -23,21 +23,19 @@ def teacher_diagnostics(
     """teacher_logits ``[G*B, K]`` fp32, center ``[K]`` -> 0-d fp32 tensors."""
     log_q = F.log_softmax((teacher_logits.float() - center.float()) / teacher_temp, dim=-1)
     q = log_q.exp()
-    entropy = -(q * log_q).sum(dim=-1).mean()
-    mean_q = q.mean(dim=0)
-    mean_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-30))).sum()
-    return {
-        "teacher_entropy": entropy,
-        "teacher_effective_dims": mean_entropy.exp(),
-        "kl": loss.detach().float() - entropy,
-        "center_norm": torch.linalg.vector_norm(center.float()),
-    }
+    return _diagnostics(q, -(q * log_q).sum(dim=-1).mean(), center, loss)
 
 
 def target_diagnostics(targets: torch.Tensor, center: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     """`teacher_diagnostics` of given teacher distributions (``[G*B, K]`` probabilities, e.g. Sinkhorn targets)."""
     q = targets.float()
-    entropy = -torch.special.xlogy(q, q).sum(dim=-1).mean()
+    return _diagnostics(q, -torch.special.xlogy(q, q).sum(dim=-1).mean(), center, loss)
+
+
+def _diagnostics(
+    q: torch.Tensor, entropy: torch.Tensor, center: torch.Tensor, loss: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The metrics from teacher distributions ``q`` ``[G*B, K]`` and their mean per-image entropy."""
     mean_q = q.mean(dim=0)
     mean_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-30))).sum()
     return {
