@@ -39,8 +39,12 @@ def runs():
     eager = fdino.clone_state(compiled)
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled_metrics, eager_metrics = [], []
+    # The first step may recompile the shared step function when another file compiled it for its own config
+    # in this process (as in test_step_compiled.py); later steps must not.
+    compiled, m = fdino.train_step(compiled, data[0])
+    compiled_metrics.append(m)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch in data:
+        for batch in data[1:]:
             compiled, m = fdino.train_step(compiled, batch)
             compiled_metrics.append(m)
     for batch in data:
