@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .. import checkpoint as ckpt
+from ..budget import parse_budget
 from ..config import DinoConfig
 from ..data import build_dataset, multicrop_loader
 from ..diagnostics import collapse_report
@@ -56,6 +57,21 @@ def common_checkpoint_step(run_dirs: Sequence[Path]) -> int | None:
     return max(steps) if steps else None
 
 
+def _apply_step_budget(cfgs: Sequence[DinoConfig], opts: TrainOptions) -> list[DinoConfig]:
+    """``opts.budget`` as `fdino.train.run` reads it: a number of steps fixes every schedule's length;
+    a time cannot be fitted here (one batched schedule is not what a single run would fit)."""
+    budget = parse_budget(opts.budget)
+    if budget is None:
+        return list(cfgs)
+    if budget.seconds is not None:
+        raise ValueError(
+            f"budget {budget.text!r} is a time: a batched run cannot fit each variant's schedule to it. Train the "
+            "variants one by one (fdino train --budget, or fdino sweep, which does so for a time budget), or give "
+            "the budget as a number of steps"
+        )
+    return [cfg.replace(schedule_steps=budget.steps) for cfg in cfgs]
+
+
 def _check_group(cfgs: Sequence[DinoConfig], run_dirs: Sequence[Path]) -> None:
     if not cfgs or len(cfgs) != len(run_dirs):
         raise ValueError(f"give one run folder per variant: {len(cfgs)} configs, {len(run_dirs)} folders")
@@ -78,6 +94,7 @@ def train_batched(
     a second sweep, or an `fdino train`, writing one of them stops with a message naming this process.
     """
     run_dirs = [Path(d) for d in run_dirs]
+    cfgs = _apply_step_budget(cfgs, opts)
     _check_group(cfgs, run_dirs)
     with ExitStack() as locks:
         for run_dir in run_dirs:

@@ -38,6 +38,8 @@ def _run_record(run_dir: Path, out_dim: int) -> dict[str, Any] | None:
     return {
         "run_dir": str(run_dir),
         "steps": summary.get("steps"),
+        # A --budget run: the share of its fitted schedule it finished (1.0 unless stopped on time).
+        "schedule_completed": (summary.get("budget") or {}).get("schedule_completed"),
         "knn_final": summary.get("knn_top1_teacher"),
         "knn_best": max((h["knn_top1"] for h in history), default=None),
         "knn_init": summary.get("knn_top1_init"),
@@ -62,7 +64,8 @@ def summarize(spec: SweepSpec, runs: list[tuple[Variant, int, Path]]) -> dict[st
             variants[variant.name]["runs"][str(seed)] = record
     for entry in variants.values():
         records = list(entry["runs"].values())
-        for key in ("knn_final", "knn_best", "images_per_s", "wall_time_s", *(f"{k}_end" for k in _END)):
+        keys = ("knn_final", "knn_best", "steps", "schedule_completed", "images_per_s", "wall_time_s")
+        for key in (*keys, *(f"{k}_end" for k in _END)):
             entry[key] = mean_std([r[key] for r in records])
         entry["collapse"] = sorted({r["collapse"] for r in records if r["collapse"]})
         entry["seeds_done"] = len(records)
@@ -115,20 +118,21 @@ def reading(results: dict[str, Any]) -> list[str]:
 
 def results_markdown(results: dict[str, Any]) -> str:
     opts = results["options"]
-    budget = f"max_steps {opts['max_steps']}" if opts.get("max_steps") else "the preset's whole schedule"
     lines = [
         f"# Sweep: {results['name']}",
         "",
-        f"Preset `{results['preset']}` on `{opts.get('data', 'shapes10')}`, {budget}, seeds "
+        f"Preset `{results['preset']}` on `{opts.get('data', 'shapes10')}`, {_budget_text(opts)}, seeds "
         f"{results['seeds']}; config {results['config'] or '{}'}. Mean +- std over seeds.",
         "",
-        "| variant | seeds | final k-NN top-1 (%) | best k-NN top-1 (%) | teacher entropy (end) | KL (end) "
-        "| effective dims (end) | images/s | wall time (s) | trained with | collapse |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | final k-NN top-1 (%) | best k-NN top-1 (%) | steps | schedule done "
+        "| teacher entropy (end) | KL (end) | effective dims (end) | images/s | wall time (s) | trained with "
+        "| collapse |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in results["variants"].items():
         lines.append(
-            f"| {name} | {e['seeds_done']} | {_fmt(e['knn_final'])} | {_fmt(e['knn_best'])} "
+            f"| {name} | {e['seeds_done']} | {_fmt(e['knn_final'])} | {_fmt(e['knn_best'])} | {_fmt(e['steps'], 0)} "
+            f"| {_percent(e['schedule_completed'])} "
             f"| {_fmt(e['teacher_entropy_end'], 3)} | {_fmt(e['kl_end'], 3)} | {_fmt(e['teacher_effective_dims_end'])} "
             f"| {_fmt(e['images_per_s'], 0)} | {_fmt(e['wall_time_s'], 0)} | {_together(e['batched_variants'])} "
             f"| {', '.join(e['collapse']) or '-'} |"
@@ -149,6 +153,19 @@ def results_markdown(results: dict[str, Any]) -> str:
     if results["paper"]:
         lines += ["", "## What the paper reports", "", results["paper"]]
     return "\n".join(lines) + "\n"
+
+
+def _budget_text(opts: dict[str, Any]) -> str:
+    if opts.get("budget"):
+        return f"budget {opts['budget']} per run (each run fits its own schedule to it on this machine)"
+    if opts.get("max_steps"):
+        return f"max_steps {opts['max_steps']}"
+    return "the preset's whole schedule"
+
+
+def _percent(pair: tuple[float, float] | None) -> str:
+    """A schedule share (0-1) as percent; 'n/a' for runs without a budget."""
+    return "n/a" if pair is None else _fmt((100 * pair[0], 100 * pair[1]), 0, "%")
 
 
 def _together(batched_variants: int | None) -> str:

@@ -33,6 +33,7 @@ from ..batched import batch_groups
 from ..batched.hyper import unbatchable
 from ..batched.measure import measure
 from ..batched.train import train_batched
+from ..budget import parse_budget
 from ..config import DinoConfig
 from ..data import build_dataset
 from ..state import default_device
@@ -83,13 +84,18 @@ def run_sweep(
     for i, (variant, seed, cfg, opts) in enumerate(runs, 1):
         run_dir = run_folder(out_dir, variant.name, seed)
         label = f"[{i}/{len(runs)}] {variant.name}, seed {seed}"
-        if _finished(run_dir, cfg):
+        if _finished(run_dir, cfg, opts):
             say(f"{label}: finished earlier, kept")
         else:
             pending.append((label, cfg, opts, run_dir))
+    timed = _time_budget(spec)
+    if timed and pending and batched != "off":
+        # Each run measures this machine and fits its own schedule length to the time: one batched
+        # schedule for all would not be the recipe a single `fdino train --budget` runs.
+        say(f"budget {timed}: the runs train one by one, each fitting its schedule to the budget")
     for group in batch_groups([cfg for _, cfg, _, _ in pending]):
         members = [pending[i] for i in group]
-        if len(members) > 1 and _batch_this(members, batched, say):
+        if len(members) > 1 and not timed and _batch_this(members, batched, say):
             _train_together(members, say)
         else:
             for label, cfg, opts, run_dir in members:
@@ -103,7 +109,7 @@ def _train_one(label: str, cfg, opts: train.TrainOptions, run_dir: Path, say) ->
     # A variant never reuses another's graph, so forgetting them all loses nothing.
     if opts.compile:
         torch._dynamo.reset()
-    if ckpt.list_checkpoints(run_dir) and _same_config(run_dir, cfg):
+    if ckpt.list_checkpoints(run_dir) and _same_config(run_dir, cfg, opts):
         say(f"{label}: resuming {run_dir}")
         train.resume(run_dir)
     else:
@@ -127,20 +133,28 @@ def _batch_this(members, batched: str, say) -> bool:
 def _train_together(members, say) -> None:
     """One batched run of the group; resumed when every member has a checkpoint of its config."""
     cfgs, opts, run_dirs = [m[1] for m in members], members[0][2], [m[3] for m in members]
-    resume = all(ckpt.list_checkpoints(d) and _same_config(d, c) for c, d in zip(cfgs, run_dirs))
+    resume = all(ckpt.list_checkpoints(d) and _same_config(d, c, opts) for c, d in zip(cfgs, run_dirs))
     for label, _, _, run_dir in members:
         say(f"{label}: {'resuming' if resume else 'training'} in {run_dir} (batched with {len(members) - 1} more)")
     train_batched(cfgs, opts, run_dirs, resume=resume)
 
 
-def _same_config(run_dir: Path, cfg) -> bool:
+def _time_budget(spec: SweepSpec) -> str:
+    """The sweep's budget when it is a time ('' for none or a number of steps)."""
+    budget = parse_budget(str(dict(spec.options).get("budget", "")))
+    return budget.text if budget is not None and budget.seconds is not None else ""
+
+
+def _same_config(run_dir: Path, cfg, opts: train.TrainOptions) -> bool:
     """The run folder was started with ``cfg`` (steps_per_epoch aside: the trainer fills it in; precision
-    'auto' matches the precision the trainer chose for it)."""
+    'auto' matches the precision the trainer chose for it; the schedule length a budget fitted matches
+    when the run was given the same budget)."""
     meta = run_dir / "run.json"
     if not meta.exists():
         return False
     try:  # in today's spelling: fields added since it was written at their defaults, old aliases folded
-        saved = DinoConfig.from_dict(json.loads(meta.read_text())["config"]).to_dict()
+        run_meta = json.loads(meta.read_text())
+        saved = DinoConfig.from_dict(run_meta["config"]).to_dict()
     except (ValueError, TypeError, KeyError):
         return False
     saved.pop("steps_per_epoch", None)
@@ -148,11 +162,13 @@ def _same_config(run_dir: Path, cfg) -> bool:
     wanted.pop("steps_per_epoch", None)
     if wanted["precision"] == "auto":
         saved["precision"] = "auto"
+    if opts.budget and (run_meta.get("options") or {}).get("budget") == opts.budget:
+        wanted["schedule_steps"] = saved.get("schedule_steps")
     return json.loads(json.dumps(wanted)) == json.loads(json.dumps(saved))
 
 
-def _finished(run_dir: Path, cfg) -> bool:
-    return (run_dir / "summary.json").exists() and _same_config(run_dir, cfg)
+def _finished(run_dir: Path, cfg, opts: train.TrainOptions) -> bool:
+    return (run_dir / "summary.json").exists() and _same_config(run_dir, cfg, opts)
 
 
 __all__ = ["SPEC_FILE", "run_folder", "run_sweep", "spec_to_dict"]

@@ -7,7 +7,7 @@
     [config]                           # DinoConfig fields for every variant (on top of the preset)
     epochs = 4
 
-    [options]                          # TrainOptions for every run (the budget: max_steps, max_minutes)
+    [options]                          # TrainOptions for every run (the budget: budget = "20m", max_steps)
     data = "shapes10"
     eval_every = 100
 
