@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import DinoConfig
 from .sync_batchnorm import use_synced_batchnorm_
+from .vit_conv_stem import ARCH as VIT_CONV_STEM  # noqa: F401  (registers the timm name before any create_model)
 
 
 class _LogitLayer(nn.Module):
