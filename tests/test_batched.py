@@ -102,7 +102,11 @@ def assert_variants_equal_single_runs(bstate, batched_metrics, states, metrics, 
                 torch.testing.assert_close(ours[k][i], theirs[k], rtol=1e-4, atol=1e-5, msg=f"step {step} {k}")
 
 
-@pytest.mark.parametrize("base", [VIT_B, RESNET_B], ids=["vit", "bn-resnet"])
+@pytest.mark.parametrize(
+    "base",
+    [VIT_B, RESNET_B, VIT_B.replace(arch="fdino_vit_conv_stem")],
+    ids=["vit", "bn-resnet", "conv-stem-vit"],  # the last: BatchNorm in a ViT's stem
+)
 def test_eager_batched_variants_equal_their_single_runs(base):
     cfgs = variants(base)
     per_variant = variant_batches(cfgs)
