@@ -161,7 +161,9 @@ def _classic_run(cfg, n_steps):
     for batch in make_batches(cfg, n_steps):
         losses.append(classic.step(batch))
         state, metrics = fdino.train_step_eager(state, batch)
-        assert float(metrics["loss"]) == pytest.approx(losses[-1], rel=1e-5)
+        # lr 10 (so that momentum and trust ratios dominate rounding) also magnifies fp32 rounding in the
+        # loss: 1.7e-5 relative after 4 steps on a CPU without AVX-512; the parameters are held below.
+        assert float(metrics["loss"]) == pytest.approx(losses[-1], rel=1e-4)
     return state, classic, init
 
 
