@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import vit_conv_stem  # noqa: F401  (registers its timm name before any create_model)
 from .config import DinoConfig
 from .sync_batchnorm import use_synced_batchnorm_
-from .vit_conv_stem import ARCH as VIT_CONV_STEM  # noqa: F401  (registers the timm name before any create_model)
 
 
 class _LogitLayer(nn.Module):

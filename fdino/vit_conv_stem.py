@@ -11,8 +11,8 @@ that is what a time budget needs (bench/results/recipes-cpu.md).
 Because it is a registered timm name, every place that builds a backbone from ``arch`` and the
 timm keyword arguments (training, `fdino.weights.load_model`, export, serving) builds this one the
 same way: ``DinoConfig(arch="fdino_vit_conv_stem", patch_size=4, backbone_kwargs=(("embed_dim",
-96), ...))``. ``patch_size`` is the stem's total stride (a power of two); the stem's widths double
-from ``embed_dim / 2**(n-1) / 2`` up to ``embed_dim / 2`` over its ``n = log2(patch_size)`` convolutions.
+96), ...))``. ``patch_size`` is the stem's total stride (a power of two >= 2); the stem's widths double from
+``embed_dim / 2**n`` up to ``embed_dim / 2`` over its ``n = log2(patch_size)`` convolutions.
 """
 
 from __future__ import annotations
@@ -31,18 +31,14 @@ ARCH = "fdino_vit_conv_stem"
 def conv_stem(in_chans: int, embed_dim: int, stride: int) -> nn.Sequential:
     """``log2(stride)`` 3x3 convolutions of stride 2, each with BatchNorm and ReLU."""
     n = int(math.log2(stride)) if stride >= 2 else 0
-    if 2**n != stride:
+    if n == 0 or 2**n != stride:
         raise ValueError(
             f"{ARCH}: patch_size={stride} must be a power of two >= 2 (the stem halves the image per convolution)"
         )
     widths = [max(8, embed_dim // 2 ** (n - i)) for i in range(n)]
-    layers, width_in = [], in_chans
-    for width in widths:
-        layers.append(ConvNormAct(width_in, width, kernel_size=3, stride=2, padding=1, bias=False))
-        width_in = width
-    stem = nn.Sequential(*layers)
-    stem.num_features = width_in  # read by timm's HybridEmbed instead of a trial forward
-    return stem
+    ins = [in_chans, *widths[:-1]]
+    layers = [ConvNormAct(i, o, kernel_size=3, stride=2, padding=1, bias=False) for i, o in zip(ins, widths)]
+    return nn.Sequential(*layers)
 
 
 @register_model

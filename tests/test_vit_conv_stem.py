@@ -38,9 +38,10 @@ def test_token_grid_matches_a_patch_embedding_of_the_same_stride():
     torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(2, 2))
 
 
-def test_patch_size_must_be_a_power_of_two():
-    with pytest.raises(ValueError, match="patch_size=6 must be a power of two"):
-        create_backbone(conv_stem_cfg(patch_size=6, global_crop_size=24))
+@pytest.mark.parametrize("patch_size", [6, 1])
+def test_patch_size_must_be_a_power_of_two_of_at_least_2(patch_size):
+    with pytest.raises(ValueError, match=f"patch_size={patch_size} must be a power of two >= 2"):
+        create_backbone(conv_stem_cfg(patch_size=patch_size, global_crop_size=24))
 
 
 def test_dino_steps_train_it_and_every_command_loads_it(tmp_path):
